@@ -1,0 +1,3 @@
+//! Transports. Each adapter depends on the core traits only, never on another adapter.
+
+pub mod memory;

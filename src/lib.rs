@@ -1,0 +1,71 @@
+//! # cloudbus
+//!
+//! One [`Publisher`] / [`Subscriber`] API over Amazon SQS, Amazon SNS (fanning out to SQS
+//! queues), Azure Service Bus, and an in-process broker. A URL or a [`Config`] decides
+//! which: switching clouds is a configuration change, not a rewrite.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use std::time::Duration;
+//! use cloudbus::{Message, connect_publisher, connect_subscriber};
+//!
+//! # async fn run() -> cloudbus::Result<()> {
+//! // memory:// is the embedded broker; sqs://, sns:// and servicebus:// take the same code.
+//! let url = "memory://quickstart";
+//! let publisher = connect_publisher(url).await?;
+//! let subscriber = connect_subscriber(url).await?;
+//!
+//! publisher
+//!     .publish(Message::new("hello").with_attribute("tenant", "acme"))
+//!     .await?;
+//!
+//! for delivery in subscriber.receive(10, Duration::from_secs(5)).await? {
+//!     assert_eq!(delivery.message().text(), Some("hello"));
+//!     assert_eq!(delivery.delivery_count(), 1);
+//!     delivery.ack().await?; // or nack(delay), dead_letter(reason, description)
+//! }
+//! # Ok(())
+//! # }
+//! # tokio::runtime::Runtime::new().unwrap().block_on(run()).unwrap();
+//! ```
+//!
+//! ## Guarantees
+//!
+//! - At-least-once: a message leaves its queue only when a delivery is acked (or
+//!   dead-lettered). A delivery that is nacked, dropped, or whose lock expires comes back
+//!   with its [`Delivery::delivery_count`] plus one.
+//! - Bodies are bytes and round-trip byte-exact; attributes round-trip exactly or the
+//!   publish fails with [`Error::InvalidAttribute`] naming the key and the rule.
+//! - A transport that cannot do what a message asks returns [`Error::Unsupported`];
+//!   limits are checked before any network call.
+//!
+//! ## Cargo features
+//!
+//! - `aws`: `sqs://` and `sns://`.
+//! - `azure`: `servicebus://`.
+//! - `testkit`: [`testkit`], the conformance suite every transport passes.
+
+#![warn(missing_docs)]
+
+pub mod adapters;
+pub mod config;
+mod connect;
+pub mod error;
+pub mod message;
+pub mod publisher;
+pub mod subscriber;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use config::{Config, IntoConfig};
+pub use connect::{connect_publisher, connect_subscriber};
+pub use error::{Error, Result};
+pub use message::{Attributes, Message};
+pub use publisher::Publisher;
+pub use subscriber::{Delivery, Subscriber, SubscriberExt};
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
