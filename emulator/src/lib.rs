@@ -1,0 +1,1 @@
+//! A Docker-free Azure Service Bus emulator speaking AMQP 1.0.
