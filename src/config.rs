@@ -263,13 +263,36 @@ impl Config {
         Ok(config)
     }
 
-    /// The dead-letter queue of the queue or subscription this config receives from.
+    /// The dead-letter queue of the queue or subscription this config receives from: for
+    /// SQS (and the queue of an SNS subscription), the `<queue>-dlq` that `create=true` makes.
     pub fn dead_letter_queue(&self) -> Result<Config> {
         match self {
             Config::Memory(c) => Ok(Config::Memory(MemoryConfig {
                 dead_letter: true,
                 ..c.clone()
             })),
+            Config::Sqs(c) => Ok(Config::Sqs(SqsConfig {
+                queue: sqs_dead_letter_name(&c.queue),
+                create: false,
+                ..c.clone()
+            })),
+            Config::Sns(c) => {
+                let queue = c.subscription.as_ref().ok_or_else(|| {
+                    Error::config(format!(
+                        "sns://{} has no subscription, so no dead-letter queue: add ?subscription=<queue>",
+                        c.topic
+                    ))
+                })?;
+                Ok(Config::Sqs(SqsConfig {
+                    queue: sqs_dead_letter_name(queue),
+                    region: c.region.clone(),
+                    endpoint: c.endpoint.clone(),
+                    create: false,
+                    wait: c.wait,
+                    visibility: c.visibility,
+                    max_receive_count: c.max_receive_count,
+                }))
+            }
             other => Err(Error::Unsupported {
                 transport: other.transport(),
                 feature: "addressing the dead-letter queue in this version".into(),
@@ -552,6 +575,15 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         "max_message_size",
     ])?;
     Ok(config)
+}
+
+/// The name of the dead-letter queue cloudbus creates for an SQS queue (or queue URL):
+/// `<name>-dlq`, or `<base>-dlq.fifo` for a FIFO queue.
+pub fn sqs_dead_letter_name(queue: &str) -> String {
+    match queue.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{queue}-dlq"),
+    }
 }
 
 /// A URL with any `user:password@` part replaced, for error messages.

@@ -1,5 +1,7 @@
 //! From a [`Config`] (or URL) to a `Box<dyn Publisher>` / `Box<dyn Subscriber>`.
 
+#[cfg(feature = "aws")]
+use crate::adapters::aws;
 use crate::adapters::memory;
 use crate::config::{Config, IntoConfig};
 use crate::{Error, Publisher, Result, Subscriber};
@@ -17,6 +19,11 @@ use crate::{Error, Publisher, Result, Subscriber};
 pub async fn connect_publisher(config: impl IntoConfig) -> Result<Box<dyn Publisher>> {
     match config.into_config()? {
         Config::Memory(c) => Ok(Box::new(memory::publisher(&c)?)),
+        #[cfg(feature = "aws")]
+        Config::Sqs(c) => Ok(Box::new(aws::sqs::SqsPublisher::connect(&c).await?)),
+        #[cfg(feature = "aws")]
+        Config::Sns(c) => Ok(Box::new(aws::sns::SnsPublisher::connect(&c).await?)),
+        #[allow(unreachable_patterns)]
         other => Err(missing_feature(&other)),
     }
 }
@@ -26,6 +33,11 @@ pub async fn connect_publisher(config: impl IntoConfig) -> Result<Box<dyn Publis
 pub async fn connect_subscriber(config: impl IntoConfig) -> Result<Box<dyn Subscriber>> {
     match config.into_config()? {
         Config::Memory(c) => Ok(Box::new(memory::subscriber(&c)?)),
+        #[cfg(feature = "aws")]
+        Config::Sqs(c) => Ok(Box::new(aws::sqs::SqsSubscriber::connect(&c).await?)),
+        #[cfg(feature = "aws")]
+        Config::Sns(c) => Ok(Box::new(aws::sns::connect_subscriber(&c).await?)),
+        #[allow(unreachable_patterns)]
         other => Err(missing_feature(&other)),
     }
 }

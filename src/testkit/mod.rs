@@ -14,6 +14,8 @@
 //! [`Error::Unsupported`] (or [`Error::InvalidInput`]) instead of ignoring it, and prints the
 //! reason. Nothing is skipped silently.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 mod cases;
 mod memory;
 

@@ -1,0 +1,210 @@
+//! Amazon SQS and SNS (feature `aws`), on the official AWS SDK for Rust.
+//!
+//! Credentials and region come from the standard AWS configuration chain (environment,
+//! profile, SSO, web identity, IMDS); `region` and `endpoint` options override them.
+
+pub mod codec;
+pub mod sns;
+pub mod sqs;
+
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::{Error, Message, Result};
+
+/// Loads the AWS configuration with optional overrides.
+async fn sdk_config(region: Option<&str>, endpoint: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = region {
+        loader = loader.region(aws_config::Region::new(region.to_string()));
+    }
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
+}
+
+/// What an SDK error is about, for mapping it to a cloudbus error.
+#[derive(Clone, Copy)]
+struct Subject<'a> {
+    transport: &'static str,
+    entity: &'static str,
+    name: &'a str,
+}
+
+/// Maps an SDK error to a cloudbus error: missing entities to `NotFound`, credential and
+/// permission failures to `Unauthorized`, throttling, timeouts, connection failures and
+/// 5xx to transient `Transport` errors. The message never contains credentials.
+fn map_error<E>(subject: Subject<'_>, action: &str, error: SdkError<E, HttpResponse>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let transport = subject.transport;
+    let code = error.code().unwrap_or_default().to_string();
+    let text = format!("{action}: {}", DisplayErrorContext(&error));
+    let status = error.raw_response().map_or(0, |r| r.status().as_u16());
+    let not_found = [
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "QueueDoesNotExist",
+        "NotFound",
+        "NotFoundException",
+    ];
+    let unauthorized = [
+        "AccessDenied",
+        "AccessDeniedException",
+        "AuthorizationError",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "MissingAuthenticationToken",
+        "InvalidSecurity",
+        "IncompleteSignature",
+    ];
+    let throttled = [
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "KMSThrottling",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalFailure",
+        "RequestTimeout",
+    ];
+    let service_answered = matches!(error, SdkError::ServiceError(_));
+    let connection_failure = matches!(
+        error,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+    );
+    let source: Arc<dyn std::error::Error + Send + Sync> = Arc::new(error);
+    if not_found.contains(&code.as_str()) {
+        return Error::NotFound {
+            transport,
+            entity: subject.entity,
+            name: subject.name.to_string(),
+        };
+    }
+    if unauthorized.contains(&code.as_str()) || status == 401 || status == 403 {
+        return Error::Unauthorized {
+            transport,
+            message: text,
+            source: Some(source),
+        };
+    }
+    // The SDK fails before any request when it finds no credentials.
+    if !service_answered && text.contains("credentials") {
+        return Error::Unauthorized {
+            transport,
+            message: text,
+            source: Some(source),
+        };
+    }
+    let transient =
+        connection_failure || throttled.contains(&code.as_str()) || status == 429 || status >= 500;
+    Error::Transport {
+        transport,
+        message: text,
+        transient,
+        source: Some(source),
+    }
+}
+
+/// What a batch call reports: the entry ids (input positions as text) that succeeded and
+/// those that failed, with why; or an error for the whole call.
+type BatchOutcome = Result<EntryOutcomes>;
+
+/// Per-entry results of a batch call.
+struct EntryOutcomes {
+    succeeded: Vec<String>,
+    failed: Vec<(String, Error)>,
+}
+
+/// The error for one failed entry of a batch call; sender faults are permanent.
+fn entry_error(
+    transport: &'static str,
+    action: &str,
+    code: &str,
+    message: Option<&str>,
+    sender_fault: bool,
+) -> Error {
+    Error::transport(
+        transport,
+        format!(
+            "{action} entry failed: {code}: {}",
+            message.unwrap_or_default()
+        ),
+        !sender_fault,
+        None,
+    )
+}
+
+/// Publishes `messages` in batch calls: encodes each (a message that fails validation fails
+/// alone), groups the rest into batches of at most `max_entries` and `max_bytes`, sends the
+/// batches concurrently with `send`, and returns one outcome per message in input order.
+async fn publish_in_batches<'a, F, Fut>(
+    messages: &[Message],
+    target: codec::Target,
+    max_entries: usize,
+    max_bytes: usize,
+    send: F,
+) -> Vec<Result<String>>
+where
+    F: Fn(Vec<(usize, codec::Encoded)>) -> Fut,
+    Fut: std::future::Future<Output = BatchOutcome> + 'a,
+{
+    let mut outcomes: Vec<Option<Result<String>>> = messages.iter().map(|_| None).collect();
+    let mut valid = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        match codec::encode(message, target, true) {
+            Ok(encoded) => valid.push((i, encoded)),
+            Err(error) => outcomes[i] = Some(Err(error)),
+        }
+    }
+    let calls = codec::batches(valid, max_entries, max_bytes)
+        .into_iter()
+        .map(|batch| {
+            let positions: Vec<usize> = batch.iter().map(|(i, _)| *i).collect();
+            let call = send(batch);
+            async move { (positions, call.await) }
+        });
+    for (positions, outcome) in futures::future::join_all(calls).await {
+        match outcome {
+            Err(error) => {
+                for i in positions {
+                    outcomes[i] = Some(Err(error.clone()));
+                }
+            }
+            Ok(entries) => {
+                for id in entries.succeeded {
+                    if let Some(i) = id.parse::<usize>().ok().filter(|i| *i < messages.len()) {
+                        outcomes[i] = Some(Ok(messages[i].id.clone()));
+                    }
+                }
+                for (id, error) in entries.failed {
+                    if let Some(i) = id.parse::<usize>().ok().filter(|i| *i < messages.len()) {
+                        outcomes[i] = Some(Err(error));
+                    }
+                }
+            }
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome.unwrap_or_else(|| {
+                Err(Error::transport(
+                    target.transport,
+                    "the batch call reported nothing for this message; it may or may not have been sent",
+                    true,
+                    None,
+                ))
+            })
+        })
+        .collect()
+}

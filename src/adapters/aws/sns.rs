@@ -1,0 +1,276 @@
+//! Amazon SNS: `sns://<topic>` publisher; `sns://<topic>?subscription=<queue>` receives
+//! through an SQS queue subscribed to the topic.
+//!
+//! With `create=true` cloudbus creates the topic, the queue (with its dead-letter queue),
+//! the queue policy that lets the topic deliver, and the subscription with
+//! `RawMessageDelivery=true`, so attributes arrive as SQS message attributes. Queues that
+//! someone else subscribed without raw delivery receive SNS's JSON envelope, which the
+//! subscriber unwraps (only when it really is one).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use aws_sdk_sns::Client;
+use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
+
+use super::codec::{self, Encoded, Target};
+use super::sqs::{self, SqsSubscriber};
+use super::{
+    BatchOutcome, EntryOutcomes, Subject, entry_error, map_error, publish_in_batches, sdk_config,
+};
+use crate::config::{SnsConfig, SqsConfig};
+use crate::{Error, Message, Publisher, Result};
+
+const TRANSPORT: &str = "sns";
+/// SNS's largest message (body plus attributes), and its largest batch.
+pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
+/// Entries per `PublishBatch`.
+const MAX_BATCH: usize = 10;
+
+/// Publishes to an SNS topic.
+#[derive(Debug)]
+pub struct SnsPublisher {
+    client: Client,
+    topic_arn: String,
+    name: String,
+    fifo: bool,
+    closed: AtomicBool,
+}
+
+/// Resolves the topic's ARN: given, created (with `create`), or found by name.
+async fn topic_arn(client: &Client, config: &SnsConfig) -> Result<String> {
+    let name = sqs::name_of(&config.topic).to_string();
+    let subject = Subject {
+        transport: TRANSPORT,
+        entity: "topic",
+        name: &name,
+    };
+    if config.topic.starts_with("arn:") {
+        return Ok(config.topic.clone());
+    }
+    if config.create {
+        let mut request = client.create_topic().name(&name);
+        if name.ends_with(".fifo") {
+            request = request.attributes("FifoTopic", "true");
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|e| map_error(subject, "CreateTopic", e))?;
+        return Ok(output.topic_arn().unwrap_or_default().to_string());
+    }
+    let mut pages = client.list_topics().into_paginator().send();
+    let suffix = format!(":{name}");
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| map_error(subject, "ListTopics", e))?;
+        if let Some(arn) = page
+            .topics()
+            .iter()
+            .filter_map(|t| t.topic_arn())
+            .find(|arn| arn.ends_with(&suffix))
+        {
+            return Ok(arn.to_string());
+        }
+    }
+    Err(Error::NotFound {
+        transport: TRANSPORT,
+        entity: "topic",
+        name,
+    })
+}
+
+impl SnsPublisher {
+    /// Connects to the topic `config` names.
+    pub async fn connect(config: &SnsConfig) -> Result<Self> {
+        if config.subscription.is_some() {
+            return Err(Error::config(format!(
+                "a publisher sends to the topic sns://{}: remove `subscription` from its URL",
+                config.topic
+            )));
+        }
+        let sdk = sdk_config(config.region.as_deref(), config.endpoint.as_deref()).await;
+        let client = Client::new(&sdk);
+        let topic_arn = topic_arn(&client, config).await?;
+        let name = sqs::name_of(&topic_arn).to_string();
+        Ok(SnsPublisher {
+            client,
+            fifo: name.ends_with(".fifo"),
+            topic_arn,
+            name,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            transport: TRANSPORT,
+            entity: "topic",
+            name: &self.name,
+        }
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            transport: TRANSPORT,
+            fifo: self.fifo,
+            delay: false,
+            max_size: MAX_MESSAGE_SIZE,
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                transport: TRANSPORT,
+                what: "publisher",
+            });
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&self, batch: Vec<(usize, Encoded)>) -> BatchOutcome {
+        let mut entries = Vec::with_capacity(batch.len());
+        for (i, encoded) in batch {
+            let entry = PublishBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message(encoded.body)
+                .set_message_attributes(Some(attribute_map(encoded.attributes)?))
+                .set_message_group_id(encoded.group_id)
+                .set_message_deduplication_id(encoded.deduplication_id)
+                .build()
+                .map_err(|e| Error::transport(TRANSPORT, e.to_string(), false, None))?;
+            entries.push(entry);
+        }
+        let output = self
+            .client
+            .publish_batch()
+            .topic_arn(&self.topic_arn)
+            .set_publish_batch_request_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| map_error(self.subject(), "PublishBatch", e))?;
+        Ok(EntryOutcomes {
+            succeeded: output
+                .successful()
+                .iter()
+                .filter_map(|e| e.id().map(str::to_string))
+                .collect(),
+            failed: output
+                .failed()
+                .iter()
+                .map(|f| {
+                    let error = entry_error(
+                        TRANSPORT,
+                        "PublishBatch",
+                        f.code(),
+                        f.message(),
+                        f.sender_fault(),
+                    );
+                    (f.id().to_string(), error)
+                })
+                .collect(),
+        })
+    }
+}
+
+fn attribute_map(
+    attributes: Vec<(String, String)>,
+) -> Result<HashMap<String, MessageAttributeValue>> {
+    attributes
+        .into_iter()
+        .map(|(key, value)| {
+            let value = MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+                .map_err(|e| {
+                    Error::transport(TRANSPORT, format!("attribute `{key}`: {e}"), false, None)
+                })?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Publisher for SnsPublisher {
+    async fn publish(&self, message: Message) -> Result<String> {
+        self.check_open()?;
+        let encoded = codec::encode(&message, self.target(), true)?;
+        self.client
+            .publish()
+            .topic_arn(&self.topic_arn)
+            .message(encoded.body)
+            .set_message_attributes(Some(attribute_map(encoded.attributes)?))
+            .set_message_group_id(encoded.group_id)
+            .set_message_deduplication_id(encoded.deduplication_id)
+            .send()
+            .await
+            .map_err(|e| map_error(self.subject(), "Publish", e))?;
+        Ok(message.id)
+    }
+
+    async fn publish_batch(&self, messages: Vec<Message>) -> Vec<Result<String>> {
+        if let Err(error) = self.check_open() {
+            return messages.iter().map(|_| Err(error.clone())).collect();
+        }
+        publish_in_batches(
+            &messages,
+            self.target(),
+            MAX_BATCH,
+            MAX_MESSAGE_SIZE,
+            |batch| self.send_batch(batch),
+        )
+        .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Opens a subscriber on the SQS queue subscribed to the topic; with `create`, sets up
+/// the topic, queue, policy and raw-delivery subscription first.
+pub async fn connect_subscriber(config: &SnsConfig) -> Result<SqsSubscriber> {
+    let Some(queue) = &config.subscription else {
+        return Err(Error::config(format!(
+            "sns://{} has no subscription: receive with sns://{}?subscription=<queue name>",
+            config.topic, config.topic
+        )));
+    };
+    let queue_config = SqsConfig {
+        queue: queue.clone(),
+        region: config.region.clone(),
+        endpoint: config.endpoint.clone(),
+        create: config.create,
+        wait: config.wait,
+        visibility: config.visibility,
+        max_receive_count: config.max_receive_count,
+    };
+    let subscriber = SqsSubscriber::connect_with(&queue_config, true).await?;
+    if config.create {
+        let sdk = sdk_config(config.region.as_deref(), config.endpoint.as_deref()).await;
+        let client = Client::new(&sdk);
+        let topic_arn = topic_arn(&client, config).await?;
+        let queue = subscriber.queue();
+        let queue_arn = queue.arn().await?;
+        queue.allow_topic(&queue_arn, &topic_arn).await?;
+        let subject = Subject {
+            transport: TRANSPORT,
+            entity: "topic",
+            name: &config.topic,
+        };
+        client
+            .subscribe()
+            .topic_arn(&topic_arn)
+            .protocol("sqs")
+            .endpoint(&queue_arn)
+            .attributes("RawMessageDelivery", "true")
+            .return_subscription_arn(true)
+            .send()
+            .await
+            .map_err(|e| map_error(subject, "Subscribe", e))?;
+    }
+    Ok(subscriber)
+}
