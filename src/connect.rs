@@ -44,13 +44,9 @@ pub async fn connect_subscriber(config: impl IntoConfig) -> Result<Box<dyn Subsc
 
 /// The error for a transport whose cargo feature this build lacks.
 fn missing_feature(config: &Config) -> Error {
-    let (scheme, feature) = match config.transport() {
-        "servicebus" => ("servicebus", "azure"),
-        other => (other, "aws"),
-    };
-    let enabled = match feature {
-        "azure" => cfg!(feature = "azure"),
-        _ => cfg!(feature = "aws"),
+    let (scheme, feature, enabled) = match config.transport() {
+        "servicebus" => ("servicebus", "azure", cfg!(feature = "azure")),
+        other => (other, "aws", cfg!(feature = "aws")),
     };
     if enabled {
         return Error::Unsupported {

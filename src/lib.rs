@@ -51,6 +51,7 @@
 pub mod adapters;
 pub mod config;
 mod connect;
+pub mod consumer;
 pub mod error;
 pub mod message;
 pub mod publisher;
@@ -60,6 +61,7 @@ pub mod testkit;
 
 pub use config::{Config, IntoConfig};
 pub use connect::{connect_publisher, connect_subscriber};
+pub use consumer::Consumer;
 pub use error::{Error, Result};
 pub use message::{Attributes, Message};
 pub use publisher::Publisher;

@@ -17,6 +17,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 mod cases;
+mod consumer;
 mod memory;
 
 use std::time::Duration;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use cases::*;
+pub use consumer::*;
 pub use memory::MemoryHarness;
 
 use crate::{Config, Error, Result};

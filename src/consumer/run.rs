@@ -1,0 +1,430 @@
+//! The run loop: receive for free slots, hand each delivery to a task, settle it from the
+//! handler's result, and drain on shutdown.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
+
+use super::Settings;
+use super::handler::{Context, Handler, HandlerError, RETRIES_EXHAUSTED};
+use super::ordering::{Lanes, Turn};
+use super::renewal::keep_locked;
+use super::retry::Backoff;
+use super::summary::{Stats, StopReason, Summary, bump};
+use super::telemetry::{HandlerOutcome, Instruments, describe_metrics, process_span};
+use crate::{Delivery, Error, Subscriber};
+
+/// The most messages asked for in one receive call (the SQS maximum).
+const MAX_BATCH: usize = 10;
+/// The least time between two receive calls that returned nothing, in case a transport
+/// returns at once instead of waiting.
+const IDLE_PAUSE: Duration = Duration::from_millis(50);
+/// The longest dead-letter description written, in bytes.
+const MAX_DESCRIPTION: usize = 1024;
+
+/// What one run shares with its delivery tasks.
+struct Shared<H> {
+    handler: H,
+    settings: Settings,
+    stats: Stats,
+    instruments: Instruments,
+    /// Cancelled by the caller: stop receiving, do not start more handlers.
+    shutdown: CancellationToken,
+    /// Cancelled at the shutdown deadline: stop the handlers still running.
+    deadline_passed: CancellationToken,
+}
+
+pub(crate) async fn run<H: Handler>(
+    subscriber: Arc<dyn Subscriber>,
+    settings: Settings,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Summary {
+    describe_metrics();
+    let shared = Arc::new(Shared {
+        handler,
+        instruments: Instruments::new(&settings.destination),
+        stats: Stats::default(),
+        shutdown: shutdown.clone(),
+        deadline_passed: CancellationToken::new(),
+        settings,
+    });
+    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let lanes = Lanes::default();
+    let mut tasks = JoinSet::new();
+    let (base, cap) = shared.settings.receive_backoff;
+    let mut backoff = Backoff::new(base, cap);
+
+    let stopped = loop {
+        while let Some(joined) = tasks.try_join_next() {
+            report_task_failure(joined);
+        }
+        let Some(permits) = free_slots(&slots, &shutdown).await else {
+            break StopReason::Cancelled;
+        };
+        let asked_at = Instant::now();
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break StopReason::Cancelled,
+            received = subscriber.receive(permits.len(), shared.settings.receive_wait) => received,
+        };
+        match received {
+            Ok(batch) => {
+                backoff.reset();
+                let empty = batch.is_empty();
+                let mut permits = permits.into_iter();
+                for delivery in batch {
+                    match permits.next() {
+                        Some(permit) => dispatch(&shared, &lanes, &mut tasks, delivery, permit),
+                        None => {
+                            tracing::warn!(
+                                "the transport returned more messages than asked for; releasing the extra one"
+                            );
+                            tasks.spawn(release_extra(delivery).with_current_subscriber());
+                        }
+                    }
+                }
+                if empty && asked_at.elapsed() < IDLE_PAUSE {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break StopReason::Cancelled,
+                        () = tokio::time::sleep(IDLE_PAUSE) => {}
+                    }
+                }
+            }
+            Err(Error::Closed { .. }) => break StopReason::SubscriberClosed,
+            Err(error) => {
+                bump(&shared.stats.receive_errors);
+                shared.instruments.receive_errors.increment(1);
+                let pause = backoff.next_delay();
+                let destination = &shared.settings.destination;
+                if error.is_transient() {
+                    tracing::warn!(
+                        messaging.system = destination.system(),
+                        messaging.destination.name = destination.name(),
+                        %error,
+                        retry_in = ?pause,
+                        "receive failed; retrying"
+                    );
+                } else {
+                    tracing::error!(
+                        messaging.system = destination.system(),
+                        messaging.destination.name = destination.name(),
+                        %error,
+                        retry_in = ?pause,
+                        "receive failed with an error a retry may not fix; retrying"
+                    );
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break StopReason::Cancelled,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    };
+
+    drain(&shared, tasks).await;
+    shared.stats.summary(stopped)
+}
+
+/// Waits for at least one free slot and takes up to [`MAX_BATCH`]; `None` on shutdown.
+async fn free_slots(
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return None,
+        permit = slots.clone().acquire_owned() => permit.ok()?,
+    };
+    let mut permits = vec![first];
+    while permits.len() < MAX_BATCH {
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => permits.push(permit),
+            Err(_) => break,
+        }
+    }
+    Some(permits)
+}
+
+/// Waits for the delivery tasks until the shutdown deadline; then stops the rest.
+async fn drain<H: Handler>(shared: &Shared<H>, mut tasks: JoinSet<()>) {
+    let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(joined) => report_task_failure(joined),
+                None => return,
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                let left = tasks.len() as u64;
+                shared.stats.timed_out.fetch_add(left, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    handlers = left,
+                    timeout = ?shared.settings.shutdown_timeout,
+                    "shutdown deadline passed: stopping the handlers still running and releasing their messages"
+                );
+                shared.deadline_passed.cancel();
+                // They release their messages in the background; do not wait for it.
+                tasks.detach_all();
+                return;
+            }
+        }
+    }
+}
+
+fn report_task_failure(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined {
+        // Handler panics are caught inside the task; this is a bug in the consumer itself.
+        // The message was not settled and comes back when its lock expires.
+        tracing::error!(%error, "a consumer task failed");
+    }
+}
+
+/// Starts the task of one delivery.
+fn dispatch<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    lanes: &Lanes,
+    tasks: &mut JoinSet<()>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+) {
+    bump(&shared.stats.received);
+    shared.instruments.received.increment(1);
+    let received_at = Instant::now();
+    let span = process_span(&shared.settings.destination, &delivery);
+    let turn = delivery
+        .message()
+        .ordering_key
+        .clone()
+        .map(|key| lanes.enter(key));
+    let task = process(shared.clone(), delivery, received_at, turn, permit);
+    tasks.spawn(task.instrument(span).with_current_subscriber());
+}
+
+/// How far a delivery got.
+enum Outcome {
+    /// Not started (shutdown, or behind an unsettled message of its key).
+    NotStarted,
+    /// Stopped at the shutdown deadline.
+    Interrupted,
+    /// The handler finished: its result, or the panic payload.
+    Handled {
+        result: std::result::Result<Result<(), HandlerError>, Box<dyn Any + Send>>,
+        took: Duration,
+    },
+}
+
+/// Waits for the delivery's turn, runs the handler while renewing the lock, settles.
+async fn process<H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut delivery: Delivery,
+    received_at: Instant,
+    mut turn: Option<Turn>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let message = delivery.message().clone();
+    let context = Context::new(&delivery, shared.settings.retry.attempts());
+    let outcome = {
+        let renew = keep_locked(&mut delivery, &shared.settings.renewal, received_at);
+        tokio::pin!(renew);
+        let go = match turn.as_mut() {
+            None => true,
+            Some(turn) => tokio::select! {
+                biased;
+                go = turn.wait() => go,
+                () = shared.shutdown.cancelled() => false,
+                never = &mut renew => match never {},
+            },
+        };
+        if !go || shared.shutdown.is_cancelled() {
+            Outcome::NotStarted
+        } else {
+            let started = Instant::now();
+            let handled = AssertUnwindSafe(shared.handler.handle(message, context)).catch_unwind();
+            tokio::select! {
+                biased;
+                result = handled => Outcome::Handled { result, took: started.elapsed() },
+                () = shared.deadline_passed.cancelled() => Outcome::Interrupted,
+                never = &mut renew => match never {},
+            }
+        }
+    };
+    let settled = settle(&shared, delivery, outcome).await;
+    if let Some(turn) = turn {
+        turn.finish(settled);
+    }
+}
+
+/// What to do with a delivery.
+enum Settlement {
+    Ack,
+    Retry { delay: Duration, error: String },
+    DeadLetter { reason: String, description: String },
+    Release,
+}
+
+/// Settles a delivery from its outcome. Returns whether it is settled for good (acked or
+/// dead-lettered), so the next message of its ordering key may go.
+async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Outcome) -> bool {
+    let span = tracing::Span::current();
+    let stats = &shared.stats;
+    let instruments = &shared.instruments;
+    let attempt = delivery.delivery_count();
+    let settlement = match outcome {
+        Outcome::NotStarted | Outcome::Interrupted => Settlement::Release,
+        Outcome::Handled { result, took } => {
+            bump(&stats.handled);
+            let (kind, settlement) = match result {
+                Ok(Ok(())) => (HandlerOutcome::Ok, Settlement::Ack),
+                Ok(Err(error)) if !error.is_transient() => (
+                    HandlerOutcome::Permanent,
+                    Settlement::DeadLetter {
+                        reason: error.reason().to_string(),
+                        description: error.to_string(),
+                    },
+                ),
+                Ok(Err(error)) => (
+                    HandlerOutcome::Transient,
+                    retry_or_give_up(shared, attempt, error.reason(), error.to_string()),
+                ),
+                Err(panic) => {
+                    bump(&stats.panicked);
+                    let text = format!("the handler panicked: {}", panic_text(panic.as_ref()));
+                    (
+                        HandlerOutcome::Panic,
+                        retry_or_give_up(shared, attempt, RETRIES_EXHAUSTED, text),
+                    )
+                }
+            };
+            instruments.handler_duration(kind, took);
+            if !matches!(kind, HandlerOutcome::Ok) {
+                span.record("error.type", handler_outcome_name(kind));
+                span.record("otel.status_code", "ERROR");
+            }
+            settlement
+        }
+    };
+
+    let (name, result, settled) = match settlement {
+        Settlement::Ack => ("ack", delivery.ack().await, true),
+        Settlement::Retry { delay, error } => {
+            tracing::warn!(attempt, retry_in = ?delay, error, "handler failed; retrying later");
+            ("nack", delivery.nack(delay).await, false)
+        }
+        Settlement::DeadLetter {
+            reason,
+            description,
+        } => {
+            let description = truncate(description, MAX_DESCRIPTION);
+            tracing::warn!(attempt, reason, description, "dead-lettering the message");
+            (
+                "dead_letter",
+                delivery.dead_letter(&reason, &description).await,
+                true,
+            )
+        }
+        Settlement::Release => ("release", delivery.nack(Duration::ZERO).await, false),
+    };
+    span.record("cloudbus.settlement", name);
+    match result {
+        Ok(()) => {
+            let (counter, metric) = match name {
+                "ack" => (&stats.acked, &instruments.acked),
+                "nack" => (&stats.nacked, &instruments.nacked),
+                "dead_letter" => (&stats.dead_lettered, &instruments.dead_lettered),
+                _ => (&stats.released, &instruments.released),
+            };
+            bump(counter);
+            metric.increment(1);
+            settled
+        }
+        Err(error) => {
+            bump(&stats.settle_failed);
+            tracing::warn!(%error, settlement = name, "settling the message failed; the broker will redeliver it");
+            false
+        }
+    }
+}
+
+/// Nack with backoff, or dead-letter on the last attempt.
+fn retry_or_give_up<H>(shared: &Shared<H>, attempt: u32, reason: &str, text: String) -> Settlement {
+    let policy = &shared.settings.retry;
+    if attempt >= policy.attempts() {
+        Settlement::DeadLetter {
+            reason: reason.to_string(),
+            description: format!("attempt {attempt} of {}: {text}", policy.attempts()),
+        }
+    } else {
+        Settlement::Retry {
+            delay: policy.delay_with_jitter(attempt),
+            error: text,
+        }
+    }
+}
+
+fn handler_outcome_name(outcome: HandlerOutcome) -> &'static str {
+    match outcome {
+        HandlerOutcome::Ok => "ok",
+        HandlerOutcome::Transient => "transient",
+        HandlerOutcome::Permanent => "permanent",
+        HandlerOutcome::Panic => "panic",
+    }
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text
+    } else {
+        "(a panic payload that is not text)"
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary, marking the cut.
+fn truncate(mut text: String, max: usize) -> String {
+    const MARK: &str = "…";
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MARK);
+    text
+}
+
+async fn release_extra(delivery: Delivery) {
+    if let Err(error) = delivery.nack(Duration::ZERO).await {
+        tracing::warn!(%error, "releasing an extra message failed; it comes back when its lock expires");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_characters_whole() {
+        assert_eq!(truncate("short".into(), 10), "short");
+        let cut = truncate("ééééé".into(), 8);
+        assert!(cut.len() <= 8 && cut.ends_with('…'), "{cut}");
+        assert!(cut.starts_with('é'));
+    }
+
+    #[test]
+    fn panic_payloads_become_text() {
+        let caught = std::panic::catch_unwind(|| panic!("boom {}", 7)).expect_err("panics");
+        assert_eq!(panic_text(caught.as_ref()), "boom 7");
+    }
+}

@@ -1,0 +1,404 @@
+//! The consumer over a scripted subscriber: receive failures, a closed subscriber, a batch
+//! with several messages of one ordering key, a transport that returns too many
+//! messages, and lock renewal where the transport does not report lock expiry. These are
+//! the situations the in-memory broker never produces; the generic suite
+//! (`tests/consumer.rs`) covers the rest on real transports.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use cloudbus::consumer::{
+    CancellationToken, Consumer, ConsumerBuilder, Context, HandlerError, LockRenewal, RetryPolicy,
+    StopReason, Summary,
+};
+use cloudbus::subscriber::{DeliveryInfo, Settle};
+use cloudbus::{Delivery, Error, Message, Result, Subscriber};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// What the scripted subscriber does on each receive call, in order; when the script is
+/// done it returns nothing at once (the worst case for spinning).
+enum Step {
+    Fail(Error),
+    Deliver(Vec<Message>),
+    Close,
+}
+
+/// What happened to a delivery.
+#[derive(Debug, Clone, PartialEq)]
+enum Settled {
+    Ack,
+    Nack(Duration),
+    DeadLetter(String),
+}
+
+#[derive(Default)]
+struct Log {
+    /// Each receive call: when, and how many messages it asked for.
+    receives: Vec<(Instant, usize)>,
+    /// Each settlement, by message text.
+    settled: Vec<(String, Settled)>,
+    /// Lock extensions.
+    extends: usize,
+}
+
+struct Scripted {
+    script: Mutex<VecDeque<Step>>,
+    log: Arc<Mutex<Log>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().expect("lock")
+}
+
+impl Scripted {
+    fn new(steps: Vec<Step>) -> (Arc<Scripted>, Arc<Mutex<Log>>) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let subscriber = Scripted {
+            script: Mutex::new(steps.into()),
+            log: log.clone(),
+        };
+        (Arc::new(subscriber), log)
+    }
+}
+
+#[async_trait]
+impl Subscriber for Scripted {
+    async fn receive(&self, max: usize, _wait: Duration) -> Result<Vec<Delivery>> {
+        lock(&self.log).receives.push((Instant::now(), max));
+        let step = lock(&self.script).pop_front();
+        match step {
+            None => Ok(Vec::new()),
+            Some(Step::Fail(error)) => Err(error),
+            Some(Step::Close) => Err(Error::Closed {
+                transport: "scripted",
+                what: "subscriber",
+            }),
+            Some(Step::Deliver(messages)) => Ok(messages
+                .into_iter()
+                .map(|message| {
+                    let settle = ScriptedSettle {
+                        text: message.text().unwrap_or_default().to_string(),
+                        log: self.log.clone(),
+                    };
+                    let info = DeliveryInfo {
+                        delivery_count: 1,
+                        enqueued_at: SystemTime::now(),
+                        transport_id: message.id.clone(),
+                        locked_until: None,
+                    };
+                    Delivery::new(message, info, Box::new(settle))
+                })
+                .collect()),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct ScriptedSettle {
+    text: String,
+    log: Arc<Mutex<Log>>,
+}
+
+impl ScriptedSettle {
+    fn record(&self, settled: Settled) {
+        lock(&self.log).settled.push((self.text.clone(), settled));
+    }
+}
+
+#[async_trait]
+impl Settle for ScriptedSettle {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.record(Settled::Ack);
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()> {
+        self.record(Settled::Nack(delay));
+        Ok(())
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str, _description: &str) -> Result<()> {
+        self.record(Settled::DeadLetter(reason.to_string()));
+        Ok(())
+    }
+
+    async fn extend(&mut self, by: Duration) -> Result<SystemTime> {
+        lock(&self.log).extends += 1;
+        Ok(SystemTime::now() + by)
+    }
+}
+
+fn builder(subscriber: Arc<Scripted>) -> ConsumerBuilder {
+    let subscriber: Arc<dyn Subscriber> = subscriber;
+    Consumer::builder(subscriber)
+        .receive_wait(Duration::from_millis(50))
+        .receive_backoff(Duration::from_millis(20), Duration::from_millis(80))
+        .shutdown_timeout(Duration::from_secs(5))
+        .retry(RetryPolicy::exponential(Duration::from_secs(1)).jitter(0.0))
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn texts(texts: &[&str]) -> Vec<Message> {
+    texts.iter().map(|t| Message::new(t.to_string())).collect()
+}
+
+async fn ok(_message: Message, _context: Context) -> Result<(), HandlerError> {
+    Ok(())
+}
+
+async fn stop(shutdown: CancellationToken, task: tokio::task::JoinHandle<Summary>) -> Summary {
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("returns")
+        .expect("consumer task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_errors_back_off_and_the_consumer_goes_on() {
+    let transient = || Error::transport("scripted", "throttled", true, None);
+    let not_found = || Error::NotFound {
+        transport: "scripted",
+        entity: "queue",
+        name: "orders".into(),
+    };
+    let (subscriber, log) = Scripted::new(vec![
+        Step::Fail(transient()),
+        Step::Fail(transient()),
+        Step::Fail(transient()),
+        Step::Fail(not_found()),
+        Step::Fail(not_found()),
+        Step::Deliver(texts(&["after the outage"])),
+    ]);
+    let consumer = builder(subscriber).build().expect("consumer");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+    wait_until("the message after the errors", || {
+        !lock(&log).settled.is_empty()
+    })
+    .await;
+    let summary = stop(shutdown, task).await;
+    assert_eq!(
+        (summary.receive_errors, summary.acked),
+        (5, 1),
+        "{summary:?}"
+    );
+    let receives = lock(&log).receives.clone();
+    for pair in receives[..6].windows(2) {
+        let pause = pair[1].0 - pair[0].0;
+        assert!(
+            pause >= Duration::from_millis(18),
+            "the consumer retried a failed receive after only {pause:?}"
+        );
+    }
+    // Backoff doubles: the fourth pause is longer than the first.
+    let pause = |i: usize| receives[i + 1].0 - receives[i].0;
+    assert!(pause(3) > pause(0), "{:?} then {:?}", pause(0), pause(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_receives_that_return_at_once_do_not_spin() {
+    let (subscriber, log) = Scripted::new(Vec::new());
+    let consumer = builder(subscriber).build().expect("consumer");
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+    wait_until("a few receive calls", || lock(&log).receives.len() >= 4).await;
+    let summary = stop(shutdown, task).await;
+    let calls = lock(&log).receives.len();
+    let elapsed = started.elapsed();
+    // The consumer pauses 50 ms after an empty receive that returned at once.
+    let most = (elapsed.as_millis() / 50) as usize + 1;
+    assert!(calls <= most, "{calls} receive calls in {elapsed:?}");
+    assert_eq!(summary.received, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscriber_ends_the_run() {
+    let (subscriber, _log) = Scripted::new(vec![Step::Deliver(texts(&["last"])), Step::Close]);
+    let consumer = builder(subscriber).build().expect("consumer");
+    let summary = tokio::time::timeout(PATIENCE, consumer.run(ok, CancellationToken::new()))
+        .await
+        .expect("the run ends by itself");
+    assert_eq!(summary.stopped, StopReason::SubscriberClosed);
+    assert_eq!(
+        summary.acked, 1,
+        "in-flight work is finished first: {summary:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_at_a_time_in_order_and_a_retry_releases_the_rest() {
+    let keyed = |text: &str, key: &str| Message::new(text.to_string()).with_ordering_key(key);
+    let (subscriber, log) = Scripted::new(vec![Step::Deliver(vec![
+        keyed("a1", "a"),
+        keyed("a2", "a"),
+        keyed("b1", "b"),
+        keyed("a3", "a"),
+        keyed("a4", "a"),
+        keyed("b2", "b"),
+    ])]);
+    let consumer = builder(subscriber)
+        .concurrency(8)
+        .build()
+        .expect("consumer");
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let running = Arc::new(Mutex::new(Vec::<String>::new()));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let (seen, busy, overlapped) = (events.clone(), running.clone(), overlaps.clone());
+    let handler = move |message: Message, _context: Context| {
+        let (seen, busy, overlapped) = (seen.clone(), busy.clone(), overlapped.clone());
+        async move {
+            let text = message.text().unwrap_or_default().to_string();
+            let key = message.ordering_key.clone().unwrap_or_default();
+            {
+                let mut busy = lock(&busy);
+                if busy.contains(&key) {
+                    overlapped.fetch_add(1, Ordering::SeqCst);
+                }
+                busy.push(key.clone());
+            }
+            lock(&seen).push(format!("start {text}"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            lock(&seen).push(format!("end {text}"));
+            lock(&busy).retain(|k| *k != key);
+            if text == "a2" {
+                return Err(HandlerError::transient("a2 fails"));
+            }
+            Ok(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(handler, shutdown.clone()));
+    wait_until("every message settled", || lock(&log).settled.len() == 6).await;
+    let summary = stop(shutdown, task).await;
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two messages of one key ran at once"
+    );
+    let events = lock(&events).clone();
+    let position = |event: &str| {
+        events
+            .iter()
+            .position(|e| e == event)
+            .unwrap_or_else(|| panic!("no `{event}` in {events:?}"))
+    };
+    assert!(position("end a1") < position("start a2"), "{events:?}");
+    assert!(position("end b1") < position("start b2"), "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.ends_with("a3") || e.ends_with("a4")),
+        "messages behind a retried one must not run: {events:?}"
+    );
+    let settled = lock(&log).settled.clone();
+    let of = |text: &str| {
+        settled
+            .iter()
+            .find(|(t, _)| t == text)
+            .map(|(_, s)| s.clone())
+    };
+    assert_eq!(of("a1"), Some(Settled::Ack));
+    assert_eq!(of("a2"), Some(Settled::Nack(Duration::from_secs(1))));
+    assert_eq!(of("a3"), Some(Settled::Nack(Duration::ZERO)));
+    assert_eq!(of("a4"), Some(Settled::Nack(Duration::ZERO)));
+    assert_eq!(of("b2"), Some(Settled::Ack));
+    assert_eq!(
+        (summary.acked, summary.nacked, summary.released),
+        (3, 1, 2),
+        "{summary:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receives_ask_only_for_free_slots_and_extras_are_released() {
+    let (subscriber, log) = Scripted::new(vec![
+        // Asked for 2 (the concurrency), the transport returns 3.
+        Step::Deliver(texts(&["one", "two", "three"])),
+    ]);
+    let consumer = builder(subscriber)
+        .concurrency(2)
+        .build()
+        .expect("consumer");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+    wait_until("three settlements", || lock(&log).settled.len() == 3).await;
+    let summary = stop(shutdown, task).await;
+    let log = lock(&log);
+    assert!(
+        log.receives.iter().all(|(_, max)| *max >= 1 && *max <= 2),
+        "receive asked for more than the free slots: {:?}",
+        log.receives.iter().map(|(_, m)| m).collect::<Vec<_>>()
+    );
+    assert_eq!(summary.received, 2, "{summary:?}");
+    assert!(
+        log.settled
+            .contains(&("three".into(), Settled::Nack(Duration::ZERO)))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_without_a_reported_expiry_uses_the_configured_duration_and_stops() {
+    let lock_duration = Duration::from_millis(60);
+    let (subscriber, log) = Scripted::new(vec![Step::Deliver(texts(&["slow", "stuck"]))]);
+    let consumer = builder(subscriber)
+        .shutdown_timeout(Duration::from_millis(200))
+        .lock_renewal(
+            LockRenewal::default()
+                .lock_duration(lock_duration)
+                .max_total(Duration::from_millis(600)),
+        )
+        .build()
+        .expect("consumer");
+    let finish = CancellationToken::new();
+    let gate = finish.clone();
+    let handler = move |message: Message, _context: Context| {
+        let gate = gate.clone();
+        async move {
+            if message.text() == Some("slow") {
+                gate.cancelled().await;
+            } else {
+                // Never finishes: renewal must stop at max_total.
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(handler, shutdown.clone()));
+    // Two handlers renewing every 40 ms.
+    wait_until("a few renewals", || lock(&log).extends >= 4).await;
+    finish.cancel();
+    wait_until("the slow message acked", || !lock(&log).settled.is_empty()).await;
+    // The stuck handler renews until 600 ms after receipt, then stops.
+    let extends = || lock(&log).extends;
+    let mut last = extends();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        tokio::time::sleep(lock_duration * 3).await;
+        let now = extends();
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "renewal never stopped");
+    }
+    assert!(last <= 2 * (600 / 40) + 2, "{last} renewals");
+    let summary = stop(shutdown, task).await;
+    assert_eq!((summary.acked, summary.timed_out), (1, 1), "{summary:?}");
+}
