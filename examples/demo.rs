@@ -1,5 +1,6 @@
 //! A tour of cloudbus in one process: a topic with two subscriptions, a pair of competing
-//! consumers, a nack that is redelivered, and a poison message that is dead-lettered.
+//! workers (two [`Consumer`]s running one handler), a transient failure that is retried
+//! after a backoff, and a poison message that is dead-lettered.
 //!
 //! ```sh
 //! cargo run --example demo                      # the embedded broker (memory://)
@@ -8,14 +9,19 @@
 //! ```
 //!
 //! The URL names the topic; the demo receives through two subscriptions of it,
-//! `demo-billing` and `demo-audit`. On a plain queue (sqs://) it skips the fan-out.
+//! `demo-billing` and `demo-audit`. On a plain queue (sqs://) it skips the fan-out. It ends
+//! once every billing message is settled, or on ctrl-c / SIGTERM.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
-use cloudbus::{Config, Message, Subscriber};
+use cloudbus::consumer::{
+    CancellationToken, Consumer, Context, Handler, HandlerError, MALFORMED_BODY, RetryPolicy,
+    Summary, json,
+};
+use cloudbus::{Config, Message};
 
 #[derive(Parser)]
 #[command(about = "A tour of cloudbus")]
@@ -25,13 +31,38 @@ struct Args {
     url: String,
 }
 
-const ORDERS: usize = 6;
+const ORDERS: u64 = 6;
+/// The first retry of a transient failure comes after this long.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// How long the demo may take.
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(serde::Deserialize)]
+struct Order {
+    order: u64,
+    total: u64,
+}
+
+/// What the billing workers have settled so far, by message id.
+#[derive(Default)]
+struct Progress {
+    billed: HashSet<String>,
+    dead_lettered: HashSet<String>,
+}
+
+impl Progress {
+    fn settled(&self) -> usize {
+        self.billed.len() + self.dead_lettered.len()
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let topic: Config = args.url.parse()?;
     println!("transport: {} ({})", topic.transport(), args.url);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
 
     // Subscriptions receive what is published after they exist: open them first. A plain
     // queue (sqs://) has no subscriptions: then both workers share the queue itself.
@@ -51,7 +82,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (topic.clone(), None)
         }
     };
-    let billing: Arc<dyn Subscriber> = Arc::from(cloudbus::connect_subscriber(&billing_url).await?);
+    // Connecting the workers now creates the billing subscription (with create=true).
+    let mut workers = Vec::new();
+    for _ in 1..=2 {
+        workers.push(
+            Consumer::connect(&billing_url)
+                .await?
+                .concurrency(4)
+                // Short long polls: a consumer that stops lets its receive call in progress
+                // finish (so that no message is left hidden), and the demo ends soon after.
+                .receive_wait(Duration::from_secs(2))
+                .retry(
+                    RetryPolicy::exponential(RETRY_BASE)
+                        .max_attempts(5)
+                        .jitter(0.0),
+                )
+                .shutdown_timeout(Duration::from_secs(10))
+                .build()?,
+        );
+    }
     let publisher = cloudbus::connect_publisher(&topic).await?;
 
     let mut messages: Vec<Message> = (1..=ORDERS)
@@ -61,15 +110,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect::<Result<_, _>>()?;
     messages.push(Message::new("this is not JSON").with_attribute("kind", "order"));
+    let total = messages.len();
     for outcome in publisher.publish_batch(messages).await {
         println!("published      {}", outcome?);
     }
 
-    // The audit subscription gets every message.
+    // The audit subscription gets every message (read with plain receive calls).
     if let Some(audit) = audit {
         let mut audited = 0;
-        while audited < ORDERS + 1 {
-            let batch = audit.receive(10, Duration::from_secs(10)).await?;
+        while audited < total {
+            let batch = tokio::select! {
+                batch = audit.receive(10, Duration::from_secs(10)) => batch?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
             if batch.is_empty() {
                 return Err("the audit subscription stopped receiving".into());
             }
@@ -81,16 +134,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("audit          received all {audited} messages");
     }
 
-    // The billing subscription is shared by two competing workers.
-    let done = Arc::new(Mutex::new(HashSet::new()));
-    let workers = (1..=2).map(|worker| {
-        let billing = billing.clone();
-        let done = done.clone();
-        tokio::spawn(async move { work(worker, billing.as_ref(), &done).await })
-    });
-    for worker in futures::future::join_all(workers).await {
-        worker??;
+    // The billing subscription is shared by two competing workers running one handler.
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let all_settled = CancellationToken::new();
+    let runs: Vec<_> = workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, consumer)| {
+            let handler = billing_handler(i + 1, progress.clone(), total, all_settled.clone());
+            tokio::spawn(consumer.run(handler, shutdown.clone()))
+        })
+        .collect();
+    let outcome: Result<(), String> = tokio::select! {
+        () = all_settled.cancelled() => Ok(()),
+        () = shutdown.cancelled() => Err("interrupted".into()),
+        () = tokio::time::sleep(LIMIT) => Err(format!("the demo did not finish in {LIMIT:?}")),
+    };
+    // Stop both workers: they finish what is in hand, settle it and return a summary.
+    shutdown.cancel();
+    for (i, run) in runs.into_iter().enumerate() {
+        let summary: Summary = run.await?;
+        println!(
+            "worker {}       stopped: received {}, acked {}, retried {}, dead-lettered {}",
+            i + 1,
+            summary.received,
+            summary.acked,
+            summary.nacked,
+            summary.dead_lettered
+        );
     }
+    outcome?;
 
     // The poison message is in the dead-letter queue, with its reason.
     let dead_letters = cloudbus::connect_subscriber(billing_url.dead_letter_queue()?).await?;
@@ -111,45 +184,88 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Handles billing messages until every message is settled: nacks order 2 once, dead-letters
-/// what is not JSON.
-async fn work(
+/// The billing handler of one worker: bills orders (order 2 fails once with a transient
+/// error, so the consumer retries it after the backoff); a body that is not a JSON order
+/// never reaches it: `json` dead-letters it with `MalformedBody`. Cancels `all_settled`
+/// once all `total` messages are billed or dead-lettered.
+fn billing_handler(
     worker: usize,
-    billing: &dyn Subscriber,
-    done: &Mutex<HashSet<String>>,
-) -> Result<(), cloudbus::Error> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if done.lock().map(|d| d.len()).unwrap_or(0) > ORDERS {
-            return Ok(());
-        }
-        for delivery in billing.receive(1, Duration::from_millis(500)).await? {
-            let count = delivery.delivery_count();
-            let id = delivery.message().id.clone();
-            let Ok(order) = delivery.message().json::<serde_json::Value>() else {
-                println!("worker {worker}       message is not JSON: dead-lettering it");
-                delivery
-                    .dead_letter("invalid-json", "the body is not a JSON order")
-                    .await?;
-                if let Ok(mut done) = done.lock() {
-                    done.insert(id);
+    progress: Arc<Mutex<Progress>>,
+    total: usize,
+    all_settled: CancellationToken,
+) -> impl Handler {
+    let orders = {
+        let progress = progress.clone();
+        json(move |order: Order, context: Context| {
+            let progress = progress.clone();
+            async move {
+                let attempt = context.delivery_count();
+                if order.order == 2 && attempt == 1 {
+                    println!(
+                        "worker {worker}       order 2: payment service busy (transient error, retried in {RETRY_BASE:?})"
+                    );
+                    return Err(HandlerError::transient("payment service busy"));
                 }
-                continue;
-            };
-            let n = order["order"].as_u64().unwrap_or_default();
-            if n == 2 && count == 1 {
                 println!(
-                    "worker {worker}       order {n}: payment service busy, nack (retry in 1 s)"
+                    "worker {worker}       order {} billed {} (delivery {attempt})",
+                    order.order, order.total
                 );
-                delivery.nack(Duration::from_secs(1)).await?;
-                continue;
+                if let Ok(mut progress) = progress.lock() {
+                    progress.billed.insert(context.message_id().to_string());
+                }
+                Ok(())
             }
-            println!("worker {worker}       order {n} billed (delivery {count})");
-            delivery.ack().await?;
-            if let Ok(mut done) = done.lock() {
-                done.insert(id);
+        })
+    };
+    let orders = Arc::new(orders);
+    move |message: Message, context: Context| {
+        let (orders, progress, all_settled) =
+            (orders.clone(), progress.clone(), all_settled.clone());
+        async move {
+            let id = context.message_id().to_string();
+            let result = orders.handle(message, context).await;
+            if let Err(error) = &result {
+                if error.reason() == MALFORMED_BODY {
+                    println!(
+                        "worker {worker}       message is not a JSON order: dead-lettered ({MALFORMED_BODY})"
+                    );
+                    if let Ok(mut progress) = progress.lock() {
+                        progress.dead_lettered.insert(id);
+                    }
+                }
             }
+            if progress
+                .lock()
+                .map(|p| p.settled() >= total)
+                .unwrap_or(false)
+            {
+                all_settled.cancel();
+            }
+            result
         }
     }
-    Err(cloudbus::Error::config("the demo did not finish in 60 s"))
+}
+
+/// Cancels `shutdown` on ctrl-c or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                eprintln!("cannot listen for SIGTERM: {error}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("interrupted: stopping"),
+        () = terminate => eprintln!("terminated: stopping"),
+        () = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
 }

@@ -35,6 +35,17 @@ pub trait Subscriber: Send + Sync {
     /// Stops receiving and releases the connection. Later calls fail with
     /// [`Error::Closed`]. Unsettled deliveries come back after their locks expire.
     async fn close(&self) -> Result<()>;
+
+    /// Whether dropping a [`receive`](Subscriber::receive) future before it completes is
+    /// harmless: `true` when the transport locks messages only in the step that returns
+    /// them (the in-memory broker). `false`, the default, when the broker may go on taking
+    /// messages for a call the client gave up on, as an SQS long poll does after the client
+    /// hangs up (those messages stay invisible until their lock expires). The
+    /// [`Consumer`](crate::Consumer) lets a receive call in progress at shutdown finish
+    /// (within its shutdown deadline) and releases what it returns, unless this is `true`.
+    fn receive_is_cancel_safe(&self) -> bool {
+        false
+    }
 }
 
 /// How a transport settles one delivery. Implemented by adapters; services use the
@@ -235,6 +246,10 @@ impl<T: Subscriber + ?Sized> Subscriber for Box<T> {
     async fn close(&self) -> Result<()> {
         (**self).close().await
     }
+
+    fn receive_is_cancel_safe(&self) -> bool {
+        (**self).receive_is_cancel_safe()
+    }
 }
 
 #[async_trait]
@@ -245,5 +260,9 @@ impl<T: Subscriber + ?Sized> Subscriber for std::sync::Arc<T> {
 
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+
+    fn receive_is_cancel_safe(&self) -> bool {
+        (**self).receive_is_cancel_safe()
     }
 }

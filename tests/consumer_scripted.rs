@@ -1,7 +1,8 @@
 //! The consumer over a scripted subscriber: receive failures, a closed subscriber, a batch
 //! with several messages of one ordering key, a transport that returns too many
-//! messages, and lock renewal where the transport does not report lock expiry. These are
-//! the situations the in-memory broker never produces; the generic suite
+//! messages, lock renewal where the transport does not report lock expiry, and a receive
+//! call still in progress at shutdown (an SQS long poll). These are the situations the
+//! in-memory broker never produces; the generic suite
 //! (`tests/consumer.rs`) covers the rest on real transports.
 
 use std::collections::VecDeque;
@@ -24,6 +25,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 enum Step {
     Fail(Error),
     Deliver(Vec<Message>),
+    /// A long poll: returns the messages once the token is cancelled.
+    Poll(CancellationToken, Vec<Message>),
     Close,
 }
 
@@ -43,6 +46,8 @@ struct Log {
     settled: Vec<(String, Settled)>,
     /// Lock extensions.
     extends: usize,
+    /// Long polls ([`Step::Poll`]) that returned.
+    polls_ended: usize,
 }
 
 struct Scripted {
@@ -55,6 +60,25 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Scripted {
+    fn deliveries(&self, messages: Vec<Message>) -> Vec<Delivery> {
+        messages
+            .into_iter()
+            .map(|message| {
+                let settle = ScriptedSettle {
+                    text: message.text().unwrap_or_default().to_string(),
+                    log: self.log.clone(),
+                };
+                let info = DeliveryInfo {
+                    delivery_count: 1,
+                    enqueued_at: SystemTime::now(),
+                    transport_id: message.id.clone(),
+                    locked_until: None,
+                };
+                Delivery::new(message, info, Box::new(settle))
+            })
+            .collect()
+    }
+
     fn new(steps: Vec<Step>) -> (Arc<Scripted>, Arc<Mutex<Log>>) {
         let log = Arc::new(Mutex::new(Log::default()));
         let subscriber = Scripted {
@@ -77,22 +101,13 @@ impl Subscriber for Scripted {
                 transport: "scripted",
                 what: "subscriber",
             }),
-            Some(Step::Deliver(messages)) => Ok(messages
-                .into_iter()
-                .map(|message| {
-                    let settle = ScriptedSettle {
-                        text: message.text().unwrap_or_default().to_string(),
-                        log: self.log.clone(),
-                    };
-                    let info = DeliveryInfo {
-                        delivery_count: 1,
-                        enqueued_at: SystemTime::now(),
-                        transport_id: message.id.clone(),
-                        locked_until: None,
-                    };
-                    Delivery::new(message, info, Box::new(settle))
-                })
-                .collect()),
+            Some(Step::Deliver(messages)) => Ok(self.deliveries(messages)),
+            Some(Step::Poll(arrived, messages)) => {
+                arrived.cancelled().await;
+                let deliveries = self.deliveries(messages);
+                lock(&self.log).polls_ended += 1;
+                Ok(deliveries)
+            }
         }
     }
 
@@ -401,4 +416,114 @@ async fn renewal_without_a_reported_expiry_uses_the_configured_duration_and_stop
     assert!(last <= 2 * (600 / 40) + 2, "{last} renewals");
     let summary = stop(shutdown, task).await;
     assert_eq!((summary.acked, summary.timed_out), (1, 1), "{summary:?}");
+}
+
+/// A receive call in progress at shutdown is not dropped (an SQS long poll would go on at
+/// the broker and hide what it takes): it finishes in the background, what it returns is
+/// released, and the message of the handler stopped at the deadline is released only after
+/// it, so the poll cannot take that message back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_in_progress_at_shutdown_finishes_and_releases_come_after_it() {
+    let arrived = CancellationToken::new();
+    let (subscriber, log) = Scripted::new(vec![
+        Step::Deliver(texts(&["stuck"])),
+        Step::Poll(arrived.clone(), texts(&["late"])),
+    ]);
+    let deadline = Duration::from_millis(200);
+    let consumer = builder(subscriber)
+        .concurrency(4)
+        .shutdown_timeout(deadline)
+        .build()
+        .expect("consumer");
+    let started = Arc::new(AtomicUsize::new(0));
+    let counted = started.clone();
+    let handler = move |_message: Message, _context: Context| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(handler, shutdown.clone()));
+    wait_until("the handler to start and the long poll to begin", || {
+        started.load(Ordering::SeqCst) == 1 && lock(&log).receives.len() >= 2
+    })
+    .await;
+    let shutdown_at = Instant::now();
+    let summary = stop(shutdown, task).await;
+    assert!(
+        shutdown_at.elapsed() >= deadline,
+        "returned before the deadline"
+    );
+    assert_eq!(summary.timed_out, 1, "{summary:?}");
+    {
+        let log = lock(&log);
+        assert_eq!(
+            (log.polls_ended, log.settled.len()),
+            (0, 0),
+            "nothing is released while the consumer's own poll is in progress: {:?}",
+            log.settled
+        );
+        assert_eq!(log.receives.len(), 2, "no receive after shutdown");
+    }
+    arrived.cancel();
+    wait_until("both messages released", || lock(&log).settled.len() == 2).await;
+    let mut settled = lock(&log).settled.clone();
+    settled.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        settled,
+        [
+            ("late".to_string(), Settled::Nack(Duration::ZERO)),
+            ("stuck".to_string(), Settled::Nack(Duration::ZERO)),
+        ]
+    );
+}
+
+/// Stopping an idle consumer waits for its receive call in progress (not cancel-safe here,
+/// like an SQS long poll) instead of abandoning it, and releases what it returns without
+/// handling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_stops_once_its_receive_in_progress_returns() {
+    let arrived = CancellationToken::new();
+    let (subscriber, log) = Scripted::new(vec![Step::Poll(arrived.clone(), texts(&["late"]))]);
+    let consumer = builder(subscriber).build().expect("consumer");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counted = handled.clone();
+    let handler = move |_message: Message, _context: Context| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let mut task = tokio::spawn(consumer.run(handler, shutdown.clone()));
+    wait_until("the long poll to begin", || !lock(&log).receives.is_empty()).await;
+    shutdown.cancel();
+    let early = tokio::time::timeout(Duration::from_millis(200), &mut task).await;
+    assert!(
+        early.is_err(),
+        "the run returned while its receive call was still in progress"
+    );
+    arrived.cancel();
+    let summary = tokio::time::timeout(PATIENCE, task)
+        .await
+        .expect("returns once the receive call has returned")
+        .expect("consumer task");
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "nothing starts after shutdown"
+    );
+    assert_eq!(
+        (summary.received, summary.released, summary.acked),
+        (1, 1, 0),
+        "{summary:?}"
+    );
+    assert_eq!(
+        lock(&log).settled,
+        [("late".to_string(), Settled::Nack(Duration::ZERO))]
+    );
 }

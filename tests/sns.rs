@@ -1,3 +1,10 @@
-//! The conformance suite on SNS fanning out to two SQS queues (LocalStack).
+//! The conformance suite and the consumer suite on SNS fanning out to two SQS queues
+//! (LocalStack).
 
-cloudbus::conformance_tests!(cloudbus::testkit::aws::SnsHarness);
+mod conformance {
+    cloudbus::conformance_tests!(cloudbus::testkit::aws::SnsHarness);
+}
+
+mod consumer {
+    cloudbus::consumer_tests!(cloudbus::testkit::aws::SnsHarness);
+}

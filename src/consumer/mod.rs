@@ -79,8 +79,14 @@
 //!   running handlers finish and settles them. Handlers still running at
 //!   [`ConsumerBuilder::shutdown_timeout`] are stopped and their messages released in the
 //!   background; [`Consumer::run`] returns at the deadline with a [`Summary`]. A receive
-//!   call in progress is abandoned: on SQS, messages it may have taken come back after
-//!   their visibility timeout.
+//!   call in progress is not dropped (an SQS long poll goes on at the broker after the
+//!   client hangs up, and hides the messages it takes until their visibility timeout): the
+//!   consumer lets it finish and releases what it returns, and its own releases wait until
+//!   it has ended, so they are not taken back. So stopping an idle consumer on SQS takes
+//!   up to [`ConsumerBuilder::receive_wait`] (within the deadline); transports whose
+//!   receive can be dropped safely ([`Subscriber::receive_is_cancel_safe`], the in-memory
+//!   one) stop at once. What is left at the deadline finishes in the background, while the
+//!   Tokio runtime lives.
 //! - **Duplicates.** Delivery is at-least-once; wrap a handler in [`Idempotent`] to skip
 //!   message ids already processed.
 //!

@@ -2,7 +2,9 @@
 //! handler's result, and drain on shutdown.
 
 use std::any::Any;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,13 @@ struct Shared<H> {
     shutdown: CancellationToken,
     /// Cancelled at the shutdown deadline: stop the handlers still running.
     deadline_passed: CancellationToken,
+    /// Cancelled once the run loop has ended and no receive call of this consumer is in
+    /// progress any more. Releases during shutdown wait for it (see [`finish_receiving`]).
+    receiving_ended: CancellationToken,
 }
+
+/// A receive call in progress, owned so that it can outlive the run loop.
+type Receiving = Pin<Box<dyn Future<Output = crate::Result<Vec<Delivery>>> + Send>>;
 
 pub(crate) async fn run<H: Handler>(
     subscriber: Arc<dyn Subscriber>,
@@ -55,6 +63,7 @@ pub(crate) async fn run<H: Handler>(
         stats: Stats::default(),
         shutdown: shutdown.clone(),
         deadline_passed: CancellationToken::new(),
+        receiving_ended: CancellationToken::new(),
         settings,
     });
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
@@ -63,6 +72,8 @@ pub(crate) async fn run<H: Handler>(
     let (base, cap) = shared.settings.receive_backoff;
     let mut backoff = Backoff::new(base, cap);
 
+    // A receive call still in progress when shutdown was requested.
+    let mut pending: Option<Receiving> = None;
     let stopped = loop {
         while let Some(joined) = tasks.try_join_next() {
             report_task_failure(joined);
@@ -71,10 +82,19 @@ pub(crate) async fn run<H: Handler>(
             break StopReason::Cancelled;
         };
         let asked_at = Instant::now();
+        let mut receiving: Receiving = {
+            let (subscriber, max) = (subscriber.clone(), permits.len());
+            let wait = shared.settings.receive_wait;
+            Box::pin(async move { subscriber.receive(max, wait).await })
+        };
         let received = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break StopReason::Cancelled,
-            received = subscriber.receive(permits.len(), shared.settings.receive_wait) => received,
+            () = shutdown.cancelled() => None,
+            received = &mut receiving => Some(received),
+        };
+        let Some(received) = received else {
+            pending = Some(receiving);
+            break StopReason::Cancelled;
         };
         match received {
             Ok(batch) => {
@@ -130,8 +150,44 @@ pub(crate) async fn run<H: Handler>(
         }
     };
 
-    drain(&shared, tasks).await;
+    // A transport whose receive is cancel-safe loses nothing when the call is dropped.
+    let pending = pending.filter(|_| !subscriber.receive_is_cancel_safe());
+    let receiving = finish_receiving(&shared, pending);
+    drain(&shared, tasks, receiving).await;
     shared.stats.summary(stopped)
+}
+
+/// Lets a receive call that was in progress at shutdown finish in a task, and releases
+/// whatever it returns; marks receiving as ended as soon as the call returns.
+///
+/// Dropping the call would not stop it: an SQS long poll goes on at the broker after the
+/// client hangs up, and the messages it takes (including ones this consumer releases while
+/// shutting down) would stay invisible until their visibility timeout. Letting it finish
+/// costs at most the receive wait; [`drain`] waits for it until the deadline.
+fn finish_receiving<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    pending: Option<Receiving>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Some(receiving) = pending else {
+        shared.receiving_ended.cancel();
+        return None;
+    };
+    let shared = shared.clone();
+    let finish = async move {
+        let received = receiving.await;
+        shared.receiving_ended.cancel();
+        let Ok(batch) = received else {
+            return;
+        };
+        let releases = batch.into_iter().map(|delivery| {
+            bump(&shared.stats.received);
+            shared.instruments.received.increment(1);
+            let span = process_span(&shared.settings.destination, &delivery);
+            settle(&shared, delivery, Outcome::NotStarted).instrument(span)
+        });
+        futures::future::join_all(releases).await;
+    };
+    Some(tokio::spawn(finish.with_current_subscriber()))
 }
 
 /// Waits for at least one free slot and takes up to [`MAX_BATCH`]; `None` on shutdown.
@@ -154,25 +210,56 @@ async fn free_slots(
     Some(permits)
 }
 
-/// Waits for the delivery tasks until the shutdown deadline; then stops the rest.
-async fn drain<H: Handler>(shared: &Shared<H>, mut tasks: JoinSet<()>) {
+/// What [`drain`] waits for next.
+enum DrainEvent {
+    Joined(Result<(), tokio::task::JoinError>),
+    ReceivingFinished(Result<(), tokio::task::JoinError>),
+    DeadlinePassed,
+}
+
+/// Waits for the delivery tasks and a receive call still in progress (see
+/// [`finish_receiving`]) until the shutdown deadline; then stops the rest and leaves them
+/// to finish in the background.
+async fn drain<H: Handler>(
+    shared: &Shared<H>,
+    mut tasks: JoinSet<()>,
+    mut receiving: Option<tokio::task::JoinHandle<()>>,
+) {
     let deadline = tokio::time::Instant::now() + shared.settings.shutdown_timeout;
-    loop {
-        tokio::select! {
-            joined = tasks.join_next() => match joined {
-                Some(joined) => report_task_failure(joined),
-                None => return,
-            },
-            () = tokio::time::sleep_until(deadline) => {
+    while !tasks.is_empty() || receiving.is_some() {
+        let event = {
+            let receiving_finished = async {
+                match receiving.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => DrainEvent::Joined(joined),
+                finished = receiving_finished => DrainEvent::ReceivingFinished(finished),
+                () = tokio::time::sleep_until(deadline) => DrainEvent::DeadlinePassed,
+            }
+        };
+        match event {
+            DrainEvent::Joined(joined) => report_task_failure(joined),
+            DrainEvent::ReceivingFinished(finished) => {
+                receiving = None;
+                report_task_failure(finished);
+            }
+            DrainEvent::DeadlinePassed => {
                 let left = tasks.len() as u64;
-                shared.stats.timed_out.fetch_add(left, std::sync::atomic::Ordering::Relaxed);
+                shared
+                    .stats
+                    .timed_out
+                    .fetch_add(left, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     handlers = left,
                     timeout = ?shared.settings.shutdown_timeout,
                     "shutdown deadline passed: stopping the handlers still running and releasing their messages"
                 );
                 shared.deadline_passed.cancel();
-                // They release their messages in the background; do not wait for it.
+                // They release their messages in the background; do not wait for it. The
+                // receive call in progress (if any) finishes in the background too.
                 tasks.detach_all();
                 return;
             }
@@ -331,7 +418,15 @@ async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Out
                 true,
             )
         }
-        Settlement::Release => ("release", delivery.nack(Duration::ZERO).await, false),
+        Settlement::Release => {
+            if shared.shutdown.is_cancelled() {
+                // A receive call of this consumer still in progress would take the
+                // message back and hide it; release it once none is (bounded by the
+                // receive wait).
+                shared.receiving_ended.cancelled().await;
+            }
+            ("release", delivery.nack(Duration::ZERO).await, false)
+        }
     };
     span.record("cloudbus.settlement", name);
     match result {

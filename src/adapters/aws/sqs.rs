@@ -22,7 +22,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::codec::{self, Encoded, Target};
 use super::{
-    BatchOutcome, EntryOutcomes, Subject, entry_error, map_error, publish_in_batches, sdk_config,
+    BatchOutcome, EntryOutcomes, Subject, entry_error, long_poll_timeouts, map_error,
+    publish_in_batches, sdk_config,
 };
 use crate::config::SqsConfig;
 use crate::subscriber::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, DeliveryInfo, Settle};
@@ -600,19 +601,25 @@ impl SqsSubscriber {
     async fn receive_once(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let shared = &self.shared;
         let received_at = SystemTime::now();
+        let wait_seconds = ceil_secs(wait).min(20);
         let output = shared
             .queue
             .client
             .receive_message()
             .queue_url(&shared.queue.url)
             .max_number_of_messages(max.min(MAX_BATCH) as i32)
-            .wait_time_seconds(ceil_secs(wait).min(20))
+            .wait_time_seconds(wait_seconds)
             .set_visibility_timeout(shared.visibility.map(ceil_secs))
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default()
+                    .timeout_config(long_poll_timeouts(Duration::from_secs(wait_seconds as u64))),
+            )
             .send()
             .await
             .map_err(|e| map_error(shared.queue.subject(), "ReceiveMessage", e))?;
