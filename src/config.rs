@@ -163,7 +163,7 @@ pub enum ReceiveMode {
 }
 
 /// Options of the Service Bus transport:
-/// `servicebus://<queue or topic>[?subscription=<name>&...]`.
+/// `servicebus://<queue or topic>[/$deadletter][?subscription=<name>&...]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceBusConfig {
@@ -181,9 +181,16 @@ pub struct ServiceBusConfig {
     /// Messages the receiver may fetch ahead. Default 0.
     #[serde(default)]
     pub prefetch: u32,
-    /// Receive from this session (ordering key) only; `session=` alone takes the next available one.
+    /// The entity requires sessions: ordering keys become session ids (messages without one
+    /// get their message id), and a subscriber takes sessions one at a time.
+    #[serde(default)]
+    pub sessions: bool,
+    /// With `sessions`: receive from this session (ordering key) only.
     #[serde(default)]
     pub session: Option<String>,
+    /// Address the dead-letter queue of the queue or subscription (`/$deadletter` in a URL).
+    #[serde(default)]
+    pub dead_letter: bool,
     /// Largest message in bytes: 256 KiB on the standard tier (the default), up to 100 MiB on premium.
     #[serde(default = "default_servicebus_max_message_size")]
     pub max_message_size: usize,
@@ -293,10 +300,12 @@ impl Config {
                     max_receive_count: c.max_receive_count,
                 }))
             }
-            other => Err(Error::Unsupported {
-                transport: other.transport(),
-                feature: "addressing the dead-letter queue in this version".into(),
-            }),
+            Config::ServiceBus(c) => Ok(Config::ServiceBus(ServiceBusConfig {
+                dead_letter: true,
+                sessions: false,
+                session: None,
+                ..c.clone()
+            })),
         }
     }
 
@@ -557,13 +566,24 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
             )));
         }
     };
+    let mut entity = url.entity("queue or topic")?;
+    let dead_letter = match entity.strip_suffix(DEAD_LETTER_SUFFIX) {
+        Some(base) => {
+            entity = base.to_string();
+            true
+        }
+        None => false,
+    };
+    let session = url.take("session");
     let config = ServiceBusConfig {
-        entity: url.entity("queue or topic")?,
+        entity,
         subscription: url.take("subscription"),
         connection_string: None,
         receive_mode,
         prefetch: url.take_parsed("prefetch", 0)?,
-        session: url.take("session"),
+        sessions: url.take_bool("sessions", false)? || session.is_some(),
+        session,
+        dead_letter,
         max_message_size: url
             .take_parsed("max_message_size", default_servicebus_max_message_size())?,
     };
@@ -571,6 +591,7 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         "subscription",
         "receive_mode",
         "prefetch",
+        "sessions",
         "session",
         "max_message_size",
     ])?;

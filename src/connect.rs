@@ -2,6 +2,8 @@
 
 #[cfg(feature = "aws")]
 use crate::adapters::aws;
+#[cfg(feature = "azure")]
+use crate::adapters::azure;
 use crate::adapters::memory;
 use crate::config::{Config, IntoConfig};
 use crate::{Error, Publisher, Result, Subscriber};
@@ -23,6 +25,10 @@ pub async fn connect_publisher(config: impl IntoConfig) -> Result<Box<dyn Publis
         Config::Sqs(c) => Ok(Box::new(aws::sqs::SqsPublisher::connect(&c).await?)),
         #[cfg(feature = "aws")]
         Config::Sns(c) => Ok(Box::new(aws::sns::SnsPublisher::connect(&c).await?)),
+        #[cfg(feature = "azure")]
+        Config::ServiceBus(c) => Ok(Box::new(
+            azure::servicebus::ServiceBusPublisher::connect(&c).await?,
+        )),
         #[allow(unreachable_patterns)]
         other => Err(missing_feature(&other)),
     }
@@ -37,6 +43,10 @@ pub async fn connect_subscriber(config: impl IntoConfig) -> Result<Box<dyn Subsc
         Config::Sqs(c) => Ok(Box::new(aws::sqs::SqsSubscriber::connect(&c).await?)),
         #[cfg(feature = "aws")]
         Config::Sns(c) => Ok(Box::new(aws::sns::connect_subscriber(&c).await?)),
+        #[cfg(feature = "azure")]
+        Config::ServiceBus(c) => Ok(Box::new(
+            azure::servicebus::ServiceBusSubscriber::connect(&c).await?,
+        )),
         #[allow(unreachable_patterns)]
         other => Err(missing_feature(&other)),
     }

@@ -120,11 +120,18 @@ pub fn assert_refused<T: std::fmt::Debug>(outcome: Result<T>, feature: &str, rea
 }
 
 /// Writes one `#[test]` per conformance case for the harness that `$harness` (an
-/// expression, which may use `.await`) builds.
+/// expression, which may use `.await`) builds. `conformance_tests!(ignore: "why", harness)`
+/// writes them ignored, with the reason.
 #[macro_export]
 macro_rules! conformance_tests {
+    (ignore: $why:literal, $harness:expr) => {
+        $crate::conformance_tests!(@all [#[ignore = $why]] $harness);
+    };
     ($harness:expr) => {
-        $crate::conformance_tests!(@cases $harness;
+        $crate::conformance_tests!(@all [] $harness);
+    };
+    (@all [$($attr:tt)*] $harness:expr) => {
+        $crate::conformance_tests!(@cases [$($attr)*] $harness;
             round_trip_with_every_field,
             two_subscriptions_each_receive_all,
             competing_consumers_lose_nothing,
@@ -145,15 +152,16 @@ macro_rules! conformance_tests {
             oversized_message_is_rejected,
         );
     };
-    (@cases $harness:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $case() {
-                $crate::testkit::run(async {
-                    let harness = $harness;
-                    $crate::testkit::$case(&harness).await;
-                });
-            }
-        )*
+    (@cases [$($attr:tt)*] $harness:expr; $case:ident, $($rest:ident,)*) => {
+        #[test]
+        $($attr)*
+        fn $case() {
+            $crate::testkit::run(async {
+                let harness = $harness;
+                $crate::testkit::$case(&harness).await;
+            });
+        }
+        $crate::conformance_tests!(@cases [$($attr)*] $harness; $($rest,)*);
     };
+    (@cases [$($attr:tt)*] $harness:expr;) => {};
 }

@@ -1,0 +1,3 @@
+//! Azure Service Bus (feature `azure`).
+
+pub mod servicebus;

@@ -1,0 +1,24 @@
+//! Shared by the Service Bus test files: isolated emulator instances.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use servicebus_emulator::{Emulator, EmulatorHandle, Topology};
+
+static NEXT_ADDRESS: AtomicU32 = AtomicU32::new(0);
+
+/// Starts an emulator on the next free loopback address, port 5672.
+pub async fn start_emulator() -> EmulatorHandle {
+    for _ in 0..1000 {
+        let n = NEXT_ADDRESS.fetch_add(1, Ordering::Relaxed);
+        let base = 20 + (std::process::id() % 100) as u8;
+        let ip = Ipv4Addr::new(127, base, (n / 250) as u8, (n % 250 + 2) as u8);
+        if let Ok(handle) = Emulator::start(SocketAddr::from((ip, 5672)), Topology::default()).await
+        {
+            return handle;
+        }
+    }
+    panic!("no free loopback address for an emulator");
+}
