@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let topic: Config = args.url.parse()?;
     println!("transport: {} ({})", topic.transport(), args.url);
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(cloudbus::consumer::cancel_on_signals(shutdown.clone()));
 
     // Subscriptions receive what is published after they exist: open them first. A plain
     // queue (sqs://) has no subscriptions: then both workers share the queue itself.
@@ -244,28 +244,4 @@ fn billing_handler(
             result
         }
     }
-}
-
-/// Cancels `shutdown` on ctrl-c or SIGTERM.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                eprintln!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => eprintln!("interrupted: stopping"),
-        () = terminate => eprintln!("terminated: stopping"),
-        () = shutdown.cancelled() => {}
-    }
-    shutdown.cancel();
 }

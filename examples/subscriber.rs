@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             shutdown.clone(),
         ));
     }
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(cloudbus::consumer::cancel_on_signals(shutdown.clone()));
 
     let summary = consumer.run(handler, shutdown).await;
     if summary.settle_failed > 0 || summary.receive_errors > 0 {
@@ -136,28 +136,4 @@ async fn stop_when_idle(
             },
         }
     }
-}
-
-/// Cancels `shutdown` on ctrl-c or SIGTERM.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                eprintln!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => eprintln!("interrupted: stopping"),
-        () = terminate => eprintln!("terminated: stopping"),
-        () = shutdown.cancelled() => {}
-    }
-    shutdown.cancel();
 }

@@ -150,6 +150,11 @@ impl Error {
         }
     }
 
+    /// `Closed` for a transport's `publisher` or `subscriber`.
+    pub fn closed(transport: &'static str, what: &'static str) -> Self {
+        Error::Closed { transport, what }
+    }
+
     /// A transport error with an optional source.
     pub fn transport(
         transport: &'static str,

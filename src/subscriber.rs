@@ -48,6 +48,18 @@ pub trait Subscriber: Send + Sync {
     }
 }
 
+/// Checks the `max` argument of [`Subscriber::receive`]: at least 1. For adapter authors.
+pub fn check_receive_max(transport: &'static str, max: usize) -> Result<()> {
+    if max == 0 {
+        return Err(Error::InvalidInput {
+            transport,
+            field: "max",
+            rule: "receive at least 1 message".into(),
+        });
+    }
+    Ok(())
+}
+
 /// How a transport settles one delivery. Implemented by adapters; services use the
 /// methods of [`Delivery`] instead.
 #[async_trait]

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use crate::config::MemoryConfig;
 use crate::subscriber::{
     DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, DeliveryInfo, MAX_DELIVERY_COUNT_EXCEEDED, Settle,
+    check_receive_max,
 };
 use crate::{Delivery, Error, Message, Publisher, Result, Subscriber};
 
@@ -551,10 +552,7 @@ pub struct MemoryPublisher {
 impl Publisher for MemoryPublisher {
     async fn publish(&self, message: Message) -> Result<String> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed {
-                transport: TRANSPORT,
-                what: "publisher",
-            });
+            return Err(Error::closed(TRANSPORT, "publisher"));
         }
         let size = message.payload_and_attributes_len();
         if size > self.max_message_size {
@@ -585,20 +583,11 @@ pub struct MemorySubscriber {
 #[async_trait]
 impl Subscriber for MemorySubscriber {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
-            return Err(Error::InvalidInput {
-                transport: TRANSPORT,
-                field: "max",
-                rule: "receive at least 1 message".into(),
-            });
-        }
+        check_receive_max(TRANSPORT, max)?;
         let deadline = Instant::now() + wait;
         loop {
             if self.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed {
-                    transport: TRANSPORT,
-                    what: "subscriber",
-                });
+                return Err(Error::closed(TRANSPORT, "subscriber"));
             }
             // Register for wake-ups before looking, so a publish in between is not missed.
             let changed = self.queue.changed.notified();

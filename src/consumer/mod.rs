@@ -124,6 +124,7 @@ mod ordering;
 mod renewal;
 mod retry;
 mod run;
+mod signal;
 mod summary;
 mod telemetry;
 mod trace_context;
@@ -138,6 +139,7 @@ pub use handler::{
 pub use idempotency::{Claim, IdempotencyStore, Idempotent, MemoryIdempotencyStore};
 pub use renewal::LockRenewal;
 pub use retry::RetryPolicy;
+pub use signal::cancel_on_signals;
 pub use summary::{StopReason, Summary};
 pub use telemetry::Destination;
 pub use tokio_util::sync::CancellationToken;

@@ -121,10 +121,7 @@ impl SnsPublisher {
 
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed {
-                transport: TRANSPORT,
-                what: "publisher",
-            });
+            return Err(Error::closed(TRANSPORT, "publisher"));
         }
         Ok(())
     }

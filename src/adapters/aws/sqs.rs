@@ -26,7 +26,9 @@ use super::{
     publish_in_batches, sdk_config,
 };
 use crate::config::SqsConfig;
-use crate::subscriber::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, DeliveryInfo, Settle};
+use crate::subscriber::{
+    DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, DeliveryInfo, Settle, check_receive_max,
+};
 use crate::{Attributes, Delivery, Error, Message, Publisher, Result, Subscriber};
 
 const TRANSPORT: &str = "sqs";
@@ -382,10 +384,7 @@ impl SqsPublisher {
 
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed {
-                transport: TRANSPORT,
-                what: "publisher",
-            });
+            return Err(Error::closed(TRANSPORT, "publisher"));
         }
         Ok(())
     }
@@ -563,20 +562,11 @@ async fn dead_letter_queue(queue: &Queue, policy: &str) -> Result<Option<Queue>>
 #[async_trait]
 impl Subscriber for SqsSubscriber {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
-            return Err(Error::InvalidInput {
-                transport: TRANSPORT,
-                field: "max",
-                rule: "receive at least 1 message".into(),
-            });
-        }
+        check_receive_max(TRANSPORT, max)?;
         let deadline = Instant::now() + wait;
         loop {
             if self.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed {
-                    transport: TRANSPORT,
-                    what: "subscriber",
-                });
+                return Err(Error::closed(TRANSPORT, "subscriber"));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let deliveries = self.receive_once(max, left.min(self.max_wait)).await?;
@@ -813,10 +803,7 @@ impl Deleter {
                 message_id: message_id.to_string(),
                 done,
             })
-            .map_err(|_| Error::Closed {
-                transport: TRANSPORT,
-                what: "subscriber",
-            })?;
+            .map_err(|_| Error::closed(TRANSPORT, "subscriber"))?;
         outcome.await.unwrap_or_else(|_| {
             Err(Error::transport(
                 TRANSPORT,

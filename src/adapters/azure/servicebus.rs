@@ -41,7 +41,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{ReceiveMode, Secret, ServiceBusConfig};
-use crate::subscriber::{DeliveryInfo, Settle};
+use crate::subscriber::{DeliveryInfo, Settle, check_receive_max};
 use crate::{Delivery, Error, Message, Publisher, Result, Subscriber};
 
 const TRANSPORT: &str = "servicebus";
@@ -197,10 +197,7 @@ fn is_lock_lost(error: &azure_core::Error) -> bool {
 }
 
 fn closed(what: &'static str) -> Error {
-    Error::Closed {
-        transport: TRANSPORT,
-        what,
-    }
+    Error::closed(TRANSPORT, what)
 }
 
 /// Session ids given to messages without an ordering key on a session-enabled entity
@@ -807,13 +804,7 @@ impl Subscriber for ServiceBusSubscriber {
         if self.closed.load(Ordering::Acquire) {
             return Err(closed("subscriber"));
         }
-        if max == 0 {
-            return Err(Error::InvalidInput {
-                transport: TRANSPORT,
-                field: "max",
-                rule: "receive at least 1 message".into(),
-            });
-        }
+        check_receive_max(TRANSPORT, max)?;
         let (reply, outcome) = oneshot::channel();
         self.commands
             .send(Command::Receive { max, wait, reply })
