@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus::config::{Config, ReceiveMode, Secret, ServiceBusConfig};
+use cloudbus::config::{Config, ServiceBusConfig};
 use cloudbus::testkit::{Entity, Features, Harness, Spec, Support};
-use common::start_emulator;
+use common::{config, start_emulator};
 use servicebus_emulator::{
     EmulatorHandle, EntityProperties, QueueConfig, SubscriptionConfig, TopicConfig,
 };
@@ -53,20 +53,6 @@ impl ServiceBusHarness {
             .expect("lock")
             .as_ref()
             .expect("emulator started"))
-    }
-}
-
-fn config(connection_string: &str, entity: &str) -> ServiceBusConfig {
-    ServiceBusConfig {
-        entity: entity.to_string(),
-        subscription: None,
-        connection_string: Some(Secret::new(connection_string)),
-        receive_mode: ReceiveMode::PeekLock,
-        prefetch: 0,
-        sessions: false,
-        session: None,
-        dead_letter: false,
-        max_message_size: 256 * 1024,
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use cloudbus::config::{Config, ReceiveMode, Secret, ServiceBusConfig};
+use cloudbus::config::Config;
 use cloudbus::{Message, connect_publisher, connect_subscriber};
 use serde_json::{Value, json};
 use servicebus_emulator::QueueConfig;
@@ -47,20 +47,6 @@ fn sdk(args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON from the azure-servicebus helper")
 }
 
-fn config(connection_string: &str, queue: &str) -> Config {
-    Config::ServiceBus(ServiceBusConfig {
-        entity: queue.to_string(),
-        subscription: None,
-        connection_string: Some(Secret::new(connection_string)),
-        receive_mode: ReceiveMode::PeekLock,
-        prefetch: 0,
-        sessions: false,
-        session: None,
-        dead_letter: false,
-        max_message_size: 256 * 1024,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_and_cloudbus_exchange_messages_intact() {
     let emulator = common::start_emulator().await;
@@ -68,7 +54,7 @@ async fn python_sdk_and_cloudbus_exchange_messages_intact() {
         .create_queue(QueueConfig::new("interop"))
         .expect("queue");
     let connection_string = emulator.connection_string();
-    let queue = config(&connection_string, "interop");
+    let queue = Config::ServiceBus(common::config(&connection_string, "interop"));
 
     // Python -> cloudbus
     let binary: Vec<u8> = (0..=255u8).collect();

@@ -5,6 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use cloudbus::config::{ReceiveMode, Secret, ServiceBusConfig};
 use servicebus_emulator::{Emulator, EmulatorHandle, Topology};
 
 static NEXT_ADDRESS: AtomicU32 = AtomicU32::new(0);
@@ -21,4 +22,19 @@ pub async fn start_emulator() -> EmulatorHandle {
         }
     }
     panic!("no free loopback address for an emulator");
+}
+
+/// A peek-lock, sessionless config for `entity` with the emulator's connection string.
+pub fn config(connection_string: &str, entity: &str) -> ServiceBusConfig {
+    ServiceBusConfig {
+        entity: entity.to_string(),
+        subscription: None,
+        connection_string: Some(Secret::new(connection_string)),
+        receive_mode: ReceiveMode::PeekLock,
+        prefetch: 0,
+        sessions: false,
+        session: None,
+        dead_letter: false,
+        max_message_size: 256 * 1024,
+    }
 }
