@@ -162,6 +162,21 @@ pub enum ReceiveMode {
     ReceiveAndDelete,
 }
 
+/// Where a Service Bus Entra ID token comes from (used with [`ServiceBusConfig::namespace`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credential {
+    /// The managed identity of the Azure host (VM, App Service, Container Apps, Functions):
+    /// how most production services authenticate. The default.
+    #[default]
+    ManagedIdentity,
+    /// Azure Kubernetes Service workload identity: `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
+    /// `AZURE_FEDERATED_TOKEN_FILE`, as the AKS webhook sets them.
+    WorkloadIdentity,
+    /// A developer's sign-in: the Azure CLI (`az login`), then the Azure Developer CLI.
+    Developer,
+}
+
 /// Options of the Service Bus transport:
 /// `servicebus://<queue or topic>[/$deadletter][?subscription=<name>&...]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,9 +187,24 @@ pub struct ServiceBusConfig {
     /// The subscription to receive from (for a topic).
     #[serde(default)]
     pub subscription: Option<String>,
-    /// Connection string; by default read from `AZURE_SERVICEBUS_CONNECTION_STRING`.
+    /// Connection string (SAS key or SAS token form); by default read from
+    /// `AZURE_SERVICEBUS_CONNECTION_STRING`. Leave it unset and set `namespace` to
+    /// authenticate with Entra ID instead.
     #[serde(default, skip_serializing)]
     pub connection_string: Option<Secret>,
+    /// The fully qualified namespace, e.g. `my-ns.servicebus.windows.net`, to reach with an
+    /// Entra ID token from `credential` instead of a connection string. A bare name such as
+    /// `my-ns` means `my-ns.servicebus.windows.net` (the public cloud).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// With `namespace`: where the Entra ID token comes from. Default `managed_identity`.
+    #[serde(default)]
+    pub credential: Credential,
+    /// With `credential = managed_identity` or `workload_identity`: the client id of the
+    /// identity (a user-assigned managed identity); by default the system-assigned identity,
+    /// or `AZURE_CLIENT_ID` for workload identity.
+    #[serde(default)]
+    pub client_id: Option<String>,
     /// Peek-lock (default) or receive-and-delete.
     #[serde(default)]
     pub receive_mode: ReceiveMode,
@@ -575,10 +605,24 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         None => false,
     };
     let session = url.take("session");
+    let credential = match url.take("credential").as_deref() {
+        None | Some("managed_identity") => Credential::ManagedIdentity,
+        Some("workload_identity") => Credential::WorkloadIdentity,
+        Some("developer") => Credential::Developer,
+        Some(other) => {
+            return Err(Error::config(format!(
+                "`credential={other}` in `{}`: expected managed_identity, workload_identity or developer",
+                url.original
+            )));
+        }
+    };
     let config = ServiceBusConfig {
         entity,
         subscription: url.take("subscription"),
         connection_string: None,
+        namespace: url.take("namespace"),
+        credential,
+        client_id: url.take("client_id"),
         receive_mode,
         prefetch: url.take_parsed("prefetch", 0)?,
         sessions: url.take_bool("sessions", false)? || session.is_some(),
@@ -594,6 +638,9 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         "sessions",
         "session",
         "max_message_size",
+        "namespace",
+        "credential",
+        "client_id",
     ])?;
     Ok(config)
 }
@@ -782,7 +829,36 @@ mod tests {
             panic!()
         };
         assert_eq!(s.receive_mode, ReceiveMode::ReceiveAndDelete);
+        assert_eq!(s.namespace, None);
+        assert_eq!(s.credential, Credential::ManagedIdentity);
         assert!(Config::from_url("sqs://").is_err());
+    }
+
+    #[test]
+    fn servicebus_entra_id_options() {
+        let Config::ServiceBus(s) = Config::from_url(
+            "servicebus://orders?namespace=my-ns.servicebus.windows.net&credential=workload_identity&client_id=abc",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.namespace.as_deref(), Some("my-ns.servicebus.windows.net"));
+        assert_eq!(s.credential, Credential::WorkloadIdentity);
+        assert_eq!(s.client_id.as_deref(), Some("abc"));
+        let from_json: Config = serde_json::from_value(serde_json::json!({
+            "transport": "servicebus", "entity": "orders",
+            "namespace": "my-ns", "credential": "developer"
+        }))
+        .unwrap();
+        let Config::ServiceBus(s) = from_json else {
+            panic!()
+        };
+        assert_eq!(s.credential, Credential::Developer);
+        let text = Config::from_url("servicebus://orders?namespace=n&credential=password")
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("credential=password"), "{text}");
+        assert!(text.contains("managed_identity"), "{text}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cloudbus::config::{ReceiveMode, Secret, ServiceBusConfig};
+use cloudbus::Config;
+use cloudbus::config::{Secret, ServiceBusConfig};
 use servicebus_emulator::{Emulator, EmulatorHandle, Topology};
 
 static NEXT_ADDRESS: AtomicU32 = AtomicU32::new(0);
@@ -26,15 +27,10 @@ pub async fn start_emulator() -> EmulatorHandle {
 
 /// A peek-lock, sessionless config for `entity` with the emulator's connection string.
 pub fn config(connection_string: &str, entity: &str) -> ServiceBusConfig {
-    ServiceBusConfig {
-        entity: entity.to_string(),
-        subscription: None,
-        connection_string: Some(Secret::new(connection_string)),
-        receive_mode: ReceiveMode::PeekLock,
-        prefetch: 0,
-        sessions: false,
-        session: None,
-        dead_letter: false,
-        max_message_size: 256 * 1024,
-    }
+    let Ok(Config::ServiceBus(mut config)) = Config::from_url(&format!("servicebus://{entity}"))
+    else {
+        panic!("`{entity}` is not a valid Service Bus entity name");
+    };
+    config.connection_string = Some(Secret::new(connection_string));
+    config
 }

@@ -21,6 +21,7 @@
 //! subscribers report as "no ordering key".
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,12 +36,17 @@ use azservicebus::{
     ServiceBusReceiverOptions, ServiceBusSender, ServiceBusSenderOptions,
     ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions, SubQueue,
 };
+use azure_core::credentials::TokenCredential;
+use azure_identity::{
+    DefaultAzureCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
+    UserAssignedId, WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Body};
 use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue, Value};
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{ReceiveMode, Secret, ServiceBusConfig};
+use crate::config::{Credential, ReceiveMode, Secret, ServiceBusConfig};
 use crate::subscriber::{DeliveryInfo, Settle, check_receive_max};
 use crate::{Delivery, Error, Message, Publisher, Result, Subscriber};
 
@@ -65,31 +71,48 @@ const ENCODING_OVERHEAD: usize = 256;
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
-/// Where to connect, parsed from the connection string (which is never logged).
-struct Connection {
-    connection_string: Secret,
-    emulator: bool,
+/// How to reach the namespace. Neither form is ever logged.
+enum Connection {
+    /// A connection string; `emulator` when it says `UseDevelopmentEmulator=true`.
+    ConnectionString { secret: Secret, emulator: bool },
+    /// A fully qualified namespace reached with an Entra ID token.
+    Token {
+        namespace: String,
+        credential: Arc<dyn TokenCredential>,
+    },
 }
 
 fn connection(config: &ServiceBusConfig) -> Result<Connection> {
-    let connection_string = match &config.connection_string {
+    if let Some(namespace) = &config.namespace {
+        if config.connection_string.is_some() {
+            return Err(Error::config(
+                "servicebus:// has both `connection_string` and `namespace`: set one (a \
+                 connection string authenticates with its key; `namespace` with an Entra ID token)",
+            ));
+        }
+        return Ok(Connection::Token {
+            namespace: fully_qualified(namespace)?,
+            credential: token_credential(config)?,
+        });
+    }
+    let secret = match &config.connection_string {
         Some(secret) => secret.clone(),
         None => Secret::new(std::env::var(CONNECTION_STRING_ENV).map_err(|_| {
             Error::config(format!(
-                "servicebus:// needs a connection string: set {CONNECTION_STRING_ENV} or the \
-                 `connection_string` config field"
+                "servicebus:// needs credentials: set {CONNECTION_STRING_ENV} or the \
+                 `connection_string` config field, or `namespace` (with `credential`) for Entra ID"
             ))
         })?),
     };
-    let properties = ServiceBusConnectionStringProperties::parse(connection_string.expose())
-        .map_err(|_| {
+    let properties =
+        ServiceBusConnectionStringProperties::parse(secret.expose()).map_err(|_| {
             Error::config(
                 "the Service Bus connection string is malformed (its contents are not shown): \
-                 expected Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=... \
-                 or ...;SharedAccessSignature=...",
+             expected Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=... \
+             or ...;SharedAccessSignature=...",
             )
         })?;
-    let emulator = connection_string
+    let emulator = secret
         .expose()
         .split(';')
         .filter_map(|part| part.split_once('='))
@@ -111,23 +134,101 @@ fn connection(config: &ServiceBusConfig) -> Result<Connection> {
             });
         }
     }
-    Ok(Connection {
-        connection_string,
-        emulator,
+    Ok(Connection::ConnectionString { secret, emulator })
+}
+
+/// `my-ns` means `my-ns.servicebus.windows.net`; a name with a dot is taken as it is.
+fn fully_qualified(namespace: &str) -> Result<String> {
+    let namespace = namespace
+        .trim()
+        .trim_start_matches("sb://")
+        .trim_end_matches('/');
+    if namespace.is_empty() || namespace.contains(['/', ';', ' ', ':']) {
+        return Err(Error::InvalidInput {
+            transport: TRANSPORT,
+            field: "namespace",
+            rule: format!(
+                "`{namespace}` is not a namespace host name: use <name>.servicebus.windows.net \
+                 (or the bare <name> for the public cloud)"
+            ),
+        });
+    }
+    Ok(if namespace.contains('.') {
+        namespace.to_string()
+    } else {
+        format!("{namespace}.servicebus.windows.net")
+    })
+}
+
+/// The Entra ID credential `config.credential` names. Tokens are fetched (and refreshed) by
+/// the client when it connects, so a missing identity shows up as `Unauthorized` then.
+fn token_credential(config: &ServiceBusConfig) -> Result<Arc<dyn TokenCredential>> {
+    let created: azure_core::Result<Arc<dyn TokenCredential>> = match config.credential {
+        Credential::ManagedIdentity => {
+            ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                user_assigned_id: config.client_id.clone().map(UserAssignedId::ClientId),
+                ..Default::default()
+            }))
+            .map(|c| c as Arc<dyn TokenCredential>)
+        }
+        Credential::WorkloadIdentity => {
+            WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+                client_id: config.client_id.clone(),
+                ..Default::default()
+            }))
+            .map(|c| c as Arc<dyn TokenCredential>)
+        }
+        Credential::Developer => {
+            DefaultAzureCredential::new().map(|c| c as Arc<dyn TokenCredential>)
+        }
+    };
+    created.map_err(|e| {
+        let needs = match config.credential {
+            Credential::ManagedIdentity => "a managed identity on the Azure host",
+            Credential::WorkloadIdentity => {
+                "AZURE_TENANT_ID, AZURE_CLIENT_ID (or `client_id`) and AZURE_FEDERATED_TOKEN_FILE, \
+                 as the AKS workload identity webhook sets them"
+            }
+            Credential::Developer => "the Azure CLI (`az login`) or the Azure Developer CLI",
+        };
+        Error::config(format!(
+            "the Service Bus Entra ID credential `{:?}` cannot be created (it needs {needs}): {}",
+            config.credential,
+            redact(&e.to_string())
+        ))
     })
 }
 
 async fn client(connection: &Connection) -> Result<Client> {
     let options = ServiceBusClientOptions::default();
-    let client = if connection.emulator {
-        ServiceBusClient::<BasicRetryPolicy>::unsecured()
-            .new_from_connection_string(connection.connection_string.expose(), options)
-            .await
-    } else {
-        ServiceBusClient::new_from_connection_string(connection.connection_string.expose(), options)
-            .await
+    let (client, name) = match connection {
+        Connection::ConnectionString {
+            secret,
+            emulator: true,
+        } => (
+            ServiceBusClient::<BasicRetryPolicy>::unsecured()
+                .new_from_connection_string(secret.expose(), options)
+                .await,
+            "(from the connection string)",
+        ),
+        Connection::ConnectionString { secret, .. } => (
+            ServiceBusClient::new_from_connection_string(secret.expose(), options).await,
+            "(from the connection string)",
+        ),
+        Connection::Token {
+            namespace,
+            credential,
+        } => (
+            ServiceBusClient::new_from_token_credential(
+                namespace.clone(),
+                credential.clone(),
+                options,
+            )
+            .await,
+            namespace.as_str(),
+        ),
     };
-    client.map_err(|e| map_error("connect", &e, "namespace", "(from the connection string)"))
+    client.map_err(|e| map_error("connect", &e, "namespace", name))
 }
 
 /// Blanks the values of `SharedAccessKey=` and `SharedAccessSignature=` in a client's
@@ -149,6 +250,7 @@ fn redact(text: &str) -> String {
 
 /// Maps a client error to a cloudbus error by its AMQP condition.
 fn map_error(action: &str, error: &azure_core::Error, entity: &'static str, name: &str) -> Error {
+    let credential = matches!(error.kind(), azure_core::error::ErrorKind::Credential);
     let text = redact(&format!("{error:?} {error}"));
     let error = redact(&error.to_string());
     let lower = text.to_ascii_lowercase();
@@ -159,7 +261,7 @@ fn map_error(action: &str, error: &azure_core::Error, entity: &'static str, name
             name: name.to_string(),
         };
     }
-    if lower.contains("unauthorized") || lower.contains("unauthorised") {
+    if credential || lower.contains("unauthorized") || lower.contains("unauthorised") {
         return Error::Unauthorized {
             transport: TRANSPORT,
             message: format!("{action}: {error}"),
@@ -1498,32 +1600,75 @@ mod tests {
 
     #[test]
     fn connection_strings_select_tls_and_check_the_port() {
-        let config = |cs: &str| ServiceBusConfig {
-            entity: "q".into(),
-            subscription: None,
-            connection_string: Some(Secret::new(cs)),
-            receive_mode: ReceiveMode::PeekLock,
-            prefetch: 0,
-            sessions: false,
-            session: None,
-            dead_letter: false,
-            max_message_size: 256 * 1024,
+        let config = |cs: &str| {
+            let mut config = servicebus_config("servicebus://q");
+            config.connection_string = Some(Secret::new(cs));
+            config
         };
         let emulator = connection(&config(
             "Endpoint=sb://127.0.0.7;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true;",
         ))
         .unwrap();
-        assert!(emulator.emulator);
+        assert!(matches!(
+            emulator,
+            Connection::ConnectionString { emulator: true, .. }
+        ));
         let cloud = connection(&config(
             "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v",
         ))
         .unwrap();
-        assert!(!cloud.emulator);
+        assert!(matches!(
+            cloud,
+            Connection::ConnectionString {
+                emulator: false,
+                ..
+            }
+        ));
         let other_port = connection(&config(
             "Endpoint=sb://localhost:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true;",
         ));
         assert!(matches!(other_port, Err(Error::Unsupported { .. })));
         let text = format!("{:?}", config("Endpoint=sb://x;SharedAccessKey=topsecret"));
         assert!(!text.contains("topsecret"), "{text}");
+    }
+
+    fn servicebus_config(url: &str) -> ServiceBusConfig {
+        match crate::Config::from_url(url) {
+            Ok(crate::Config::ServiceBus(config)) => config,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_namespace_selects_an_entra_id_credential() {
+        for (url, expected) in [
+            (
+                "servicebus://q?namespace=my-ns",
+                "my-ns.servicebus.windows.net",
+            ),
+            (
+                "servicebus://q?namespace=sb://my-ns.servicebus.chinacloudapi.cn/&client_id=abc",
+                "my-ns.servicebus.chinacloudapi.cn",
+            ),
+            (
+                "servicebus://q?namespace=my-ns&credential=developer",
+                "my-ns.servicebus.windows.net",
+            ),
+        ] {
+            match connection(&servicebus_config(url)) {
+                Ok(Connection::Token { namespace, .. }) => assert_eq!(namespace, expected, "{url}"),
+                Ok(_) => panic!("{url}: not a token credential"),
+                Err(error) => panic!("{url}: {error}"),
+            }
+        }
+        let mut both = servicebus_config("servicebus://q?namespace=my-ns");
+        both.connection_string = Some(Secret::new("Endpoint=sb://x;SharedAccessKey=k"));
+        let text = connection(&both)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(text.contains("set one"), "{text}");
+        let bad = connection(&servicebus_config("servicebus://q?namespace=a;b"));
+        assert!(matches!(bad, Err(Error::InvalidInput { field, .. }) if field == "namespace"));
     }
 }
