@@ -117,6 +117,16 @@ pub struct SqsConfig {
     /// With `create`: receives after which SQS moves a message to the dead-letter queue. Default 10.
     #[serde(default = "default_max_deliveries")]
     pub max_receive_count: u32,
+    /// Coalesce concurrent `publish` calls into batch calls. Default `true`.
+    #[serde(default = "yes")]
+    pub batching: bool,
+    /// With `batching`: how long a batch may wait to fill while other batch calls are in
+    /// flight (a lone publish goes out at once). Default 5 ms.
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
+    /// With `batching`: messages per batch call at most. Default and maximum 10.
+    #[serde(default = "default_aws_batch_size")]
+    pub batch_size: usize,
 }
 
 /// Options of the SNS transport: `sns://<topic name or ARN>[?subscription=<queue>&...]`.
@@ -149,6 +159,16 @@ pub struct SnsConfig {
     /// With `create`: receives after which SQS moves a message to the dead-letter queue. Default 10.
     #[serde(default = "default_max_deliveries")]
     pub max_receive_count: u32,
+    /// Coalesce concurrent `publish` calls into batch calls. Default `true`.
+    #[serde(default = "yes")]
+    pub batching: bool,
+    /// With `batching`: how long a batch may wait to fill while other batch calls are in
+    /// flight (a lone publish goes out at once). Default 5 ms.
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
+    /// With `batching`: messages per batch call at most. Default and maximum 10.
+    #[serde(default = "default_aws_batch_size")]
+    pub batch_size: usize,
 }
 
 /// How a Service Bus receiver takes messages.
@@ -224,6 +244,15 @@ pub struct ServiceBusConfig {
     /// Largest message in bytes: 256 KiB on the standard tier (the default), up to 100 MiB on premium.
     #[serde(default = "default_servicebus_max_message_size")]
     pub max_message_size: usize,
+    /// Coalesce concurrent `publish` calls into batches: a publisher sends one transfer at a
+    /// time, and the messages published meanwhile go together in the next one (no linger
+    /// needed). Default `true`.
+    #[serde(default = "yes")]
+    pub batching: bool,
+    /// With `batching`: messages per transfer at most. Default 100 (a batch is also
+    /// limited to `max_message_size` bytes).
+    #[serde(default = "default_servicebus_batch_size")]
+    pub batch_size: usize,
 }
 
 /// A secret string (a connection string or key). Its `Debug` and `Display` never show it.
@@ -328,6 +357,9 @@ impl Config {
                     wait: c.wait,
                     visibility: c.visibility,
                     max_receive_count: c.max_receive_count,
+                    batching: c.batching,
+                    linger: c.linger,
+                    batch_size: c.batch_size,
                 }))
             }
             Config::ServiceBus(c) => Ok(Config::ServiceBus(ServiceBusConfig {
@@ -550,6 +582,9 @@ fn sqs_from_url(mut url: ParsedUrl) -> Result<SqsConfig> {
         wait: url.take_duration("wait")?.unwrap_or(default_sqs_wait()),
         visibility: url.take_duration("visibility")?,
         max_receive_count: url.take_parsed("max_receive_count", default_max_deliveries())?,
+        batching: url.take_bool("batching", true)?,
+        linger: url.take_duration("linger")?.unwrap_or(default_linger()),
+        batch_size: url.take_parsed("batch_size", default_aws_batch_size())?,
     };
     url.finish(&[
         "region",
@@ -558,6 +593,9 @@ fn sqs_from_url(mut url: ParsedUrl) -> Result<SqsConfig> {
         "wait",
         "visibility",
         "max_receive_count",
+        "batching",
+        "linger",
+        "batch_size",
     ])?;
     Ok(config)
 }
@@ -572,6 +610,9 @@ fn sns_from_url(mut url: ParsedUrl) -> Result<SnsConfig> {
         wait: url.take_duration("wait")?.unwrap_or(default_sqs_wait()),
         visibility: url.take_duration("visibility")?,
         max_receive_count: url.take_parsed("max_receive_count", default_max_deliveries())?,
+        batching: url.take_bool("batching", true)?,
+        linger: url.take_duration("linger")?.unwrap_or(default_linger()),
+        batch_size: url.take_parsed("batch_size", default_aws_batch_size())?,
     };
     url.finish(&[
         "subscription",
@@ -581,6 +622,9 @@ fn sns_from_url(mut url: ParsedUrl) -> Result<SnsConfig> {
         "wait",
         "visibility",
         "max_receive_count",
+        "batching",
+        "linger",
+        "batch_size",
     ])?;
     Ok(config)
 }
@@ -630,6 +674,8 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         dead_letter,
         max_message_size: url
             .take_parsed("max_message_size", default_servicebus_max_message_size())?,
+        batching: url.take_bool("batching", true)?,
+        batch_size: url.take_parsed("batch_size", default_servicebus_batch_size())?,
     };
     url.finish(&[
         "subscription",
@@ -641,6 +687,8 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         "namespace",
         "credential",
         "client_id",
+        "batching",
+        "batch_size",
     ])?;
     Ok(config)
 }
@@ -698,6 +746,18 @@ fn default_max_message_size() -> usize {
 fn default_sqs_wait() -> Duration {
     Duration::from_secs(20)
 }
+fn default_linger() -> Duration {
+    Duration::from_millis(5)
+}
+
+fn default_aws_batch_size() -> usize {
+    10
+}
+
+fn default_servicebus_batch_size() -> usize {
+    100
+}
+
 fn default_servicebus_max_message_size() -> usize {
     256 * 1024
 }

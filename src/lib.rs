@@ -49,6 +49,8 @@
 #![warn(missing_docs)]
 
 pub mod adapters;
+#[cfg(any(feature = "aws", feature = "azure"))]
+mod batcher;
 pub mod config;
 mod connect;
 pub mod consumer;

@@ -30,6 +30,9 @@ fn queue_config(queue: &str, spec: Option<&Spec>) -> SqsConfig {
         wait: Duration::from_secs(20),
         visibility: spec.map(|s| s.visibility),
         max_receive_count: spec.map_or(10, |s| s.max_deliveries),
+        batching: true,
+        linger: Duration::from_millis(5),
+        batch_size: 10,
     }
 }
 
@@ -118,6 +121,9 @@ fn topic_config(topic: &str, subscription: Option<&str>, spec: Option<&Spec>) ->
         wait: Duration::from_secs(20),
         visibility: spec.map(|s| s.visibility),
         max_receive_count: spec.map_or(10, |s| s.max_deliveries),
+        batching: true,
+        linger: Duration::from_millis(5),
+        batch_size: 10,
     }
 }
 

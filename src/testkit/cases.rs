@@ -560,6 +560,56 @@ pub async fn batch_of_25_all_arrive(harness: &impl Harness) {
     }
 }
 
+/// Concurrent `publish` calls (which transports with automatic batching coalesce) each
+/// get their own id; `close` while publishes are in progress sends what was queued: every
+/// publish that returned `Ok` arrives, every other one failed with `Closed`.
+pub async fn concurrent_publishes_and_close_lose_nothing(harness: &impl Harness) {
+    const COUNT: usize = 60;
+    let opened = open(harness, &spec(harness)).await;
+    let publisher: Arc<dyn Publisher> = opened.publisher.into();
+    let publish_all = |label: &'static str| {
+        (0..COUNT)
+            .map(|i| {
+                let publisher = publisher.clone();
+                let message = Message::new(format!("{label} {i}"));
+                let id = message.id.clone();
+                tokio::spawn(async move { (id, publisher.publish(message).await) })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut expected = HashSet::new();
+    for task in publish_all("concurrent") {
+        let (id, outcome) = task.await.expect("publish task");
+        assert_eq!(
+            outcome.expect("published"),
+            id,
+            "each caller gets its own id"
+        );
+        expected.insert(id);
+    }
+    // A second wave, closed while it is on its way.
+    let wave = publish_all("closing");
+    tokio::task::yield_now().await;
+    publisher.close().await.expect("close");
+    for task in wave {
+        let (id, outcome) = task.await.expect("publish task");
+        match outcome {
+            Ok(sent) => {
+                assert_eq!(sent, id);
+                expected.insert(id);
+            }
+            Err(Error::Closed { .. }) => {}
+            Err(other) => panic!("a publish during close failed with {other}"),
+        }
+    }
+    for subscriber in &opened.subscribers {
+        let got = receive_n(subscriber.as_ref(), expected.len(), PATIENCE).await;
+        let ids: HashSet<String> = got.iter().map(|d| d.message().id.clone()).collect();
+        assert_eq!(ids, expected, "published messages went missing");
+        ack_all(got).await;
+    }
+}
+
 /// A delayed message is not delivered before its time, and is delivered after it.
 pub async fn delayed_delivery_is_not_visible_early(harness: &impl Harness) {
     let unit = harness.features().unit;

@@ -145,6 +145,7 @@ macro_rules! conformance_tests {
             max_delivery_count_dead_letters,
             extend_keeps_message_locked,
             batch_of_25_all_arrive,
+            concurrent_publishes_and_close_lose_nothing,
             delayed_delivery_is_not_visible_early,
             ordering_keys_keep_order,
             missing_entity_is_not_found,

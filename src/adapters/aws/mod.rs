@@ -21,7 +21,11 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
+use crate::batcher::{Batcher, Limits, SendBatch};
 use crate::{Error, Message, Result};
+
+/// Entries per SQS `SendMessageBatch` / `DeleteMessageBatch` and SNS `PublishBatch`.
+const MAX_BATCH_ENTRIES: usize = 10;
 
 /// How long to wait for a TCP (and TLS) connection to the endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -190,6 +194,44 @@ fn entry_error(
     )
 }
 
+/// One outcome per entry of a batch call of `len` entries whose entry ids were their
+/// positions in the call.
+fn outcomes_by_position(
+    transport: &'static str,
+    len: usize,
+    outcome: BatchOutcome,
+) -> Vec<Result<()>> {
+    let entries = match outcome {
+        Err(error) => return vec![Err(error); len],
+        Ok(entries) => entries,
+    };
+    let mut outcomes: Vec<Option<Result<()>>> = vec![None; len];
+    let position = |id: &str| id.parse::<usize>().ok().filter(|i| *i < len);
+    for id in entries.succeeded {
+        if let Some(i) = position(&id) {
+            outcomes[i] = Some(Ok(()));
+        }
+    }
+    for (id, error) in entries.failed {
+        if let Some(i) = position(&id) {
+            outcomes[i] = Some(Err(error));
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome.unwrap_or_else(|| {
+                Err(Error::transport(
+                    transport,
+                    "the batch call reported nothing for this message; it may or may not have been sent",
+                    true,
+                    None,
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Publishes `messages` in batch calls: encodes each (a message that fails validation fails
 /// alone), groups the rest into batches of at most `max_entries` and `max_bytes`, sends the
 /// batches concurrently with `send`, and returns one outcome per message in input order.
@@ -201,7 +243,7 @@ async fn publish_in_batches<'a, F, Fut>(
     send: F,
 ) -> Vec<Result<String>>
 where
-    F: Fn(Vec<(usize, codec::Encoded)>) -> Fut,
+    F: Fn(Vec<codec::Encoded>) -> Fut,
     Fut: std::future::Future<Output = BatchOutcome> + 'a,
 {
     let mut outcomes: Vec<Option<Result<String>>> = messages.iter().map(|_| None).collect();
@@ -215,42 +257,63 @@ where
     let calls = codec::batches(valid, max_entries, max_bytes)
         .into_iter()
         .map(|batch| {
-            let positions: Vec<usize> = batch.iter().map(|(i, _)| *i).collect();
+            let (positions, batch): (Vec<usize>, Vec<codec::Encoded>) = batch.into_iter().unzip();
             let call = send(batch);
-            async move { (positions, call.await) }
+            async move {
+                let len = positions.len();
+                (
+                    positions,
+                    outcomes_by_position(target.transport, len, call.await),
+                )
+            }
         });
-    for (positions, outcome) in futures::future::join_all(calls).await {
-        match outcome {
-            Err(error) => {
-                for i in positions {
-                    outcomes[i] = Some(Err(error.clone()));
-                }
-            }
-            Ok(entries) => {
-                for id in entries.succeeded {
-                    if let Some(i) = id.parse::<usize>().ok().filter(|i| *i < messages.len()) {
-                        outcomes[i] = Some(Ok(messages[i].id.clone()));
-                    }
-                }
-                for (id, error) in entries.failed {
-                    if let Some(i) = id.parse::<usize>().ok().filter(|i| *i < messages.len()) {
-                        outcomes[i] = Some(Err(error));
-                    }
-                }
-            }
+    for (positions, results) in futures::future::join_all(calls).await {
+        for (i, result) in positions.into_iter().zip(results) {
+            outcomes[i] = Some(result.map(|()| messages[i].id.clone()));
         }
     }
     outcomes
         .into_iter()
-        .map(|outcome| {
-            outcome.unwrap_or_else(|| {
-                Err(Error::transport(
-                    target.transport,
-                    "the batch call reported nothing for this message; it may or may not have been sent",
-                    true,
-                    None,
-                ))
-            })
-        })
+        .map(|outcome| outcome.unwrap_or_else(|| Err(Error::closed(target.transport, "publisher"))))
         .collect()
+}
+
+/// Batch calls in flight at most per publisher with automatic batching.
+const BATCH_CALLS: usize = 16;
+
+/// The automatic batcher of an SQS or SNS publisher, or `None` with `batching=false`.
+/// `send` makes one batch call (entry ids = positions).
+fn start_batcher<F, Fut>(
+    transport: &'static str,
+    batching: bool,
+    linger: Duration,
+    batch_size: usize,
+    max_bytes: usize,
+    send: F,
+) -> Result<Option<Batcher<codec::Encoded>>>
+where
+    F: Fn(Vec<codec::Encoded>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = BatchOutcome> + Send + 'static,
+{
+    if !(1..=MAX_BATCH_ENTRIES).contains(&batch_size) {
+        return Err(Error::config(format!(
+            "`batch_size={batch_size}`: {transport} batch calls take 1 to {MAX_BATCH_ENTRIES} \
+             messages; set batch_size between 1 and {MAX_BATCH_ENTRIES} (or batching=false)"
+        )));
+    }
+    if !batching {
+        return Ok(None);
+    }
+    let limits = Limits {
+        max_items: batch_size,
+        max_bytes,
+        linger,
+        max_calls: BATCH_CALLS,
+    };
+    let send: SendBatch<codec::Encoded> = Arc::new(move |batch: Vec<codec::Encoded>| {
+        let len = batch.len();
+        let call = send(batch);
+        Box::pin(async move { outcomes_by_position(transport, len, call.await) })
+    });
+    Ok(Some(Batcher::start(transport, "publisher", limits, send)))
 }

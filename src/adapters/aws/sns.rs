@@ -8,6 +8,7 @@
 //! subscriber unwraps (only when it really is one).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
@@ -18,7 +19,9 @@ use super::codec::{self, Encoded, Target};
 use super::sqs::{self, SqsSubscriber};
 use super::{
     BatchOutcome, EntryOutcomes, Subject, entry_error, map_error, publish_in_batches, sdk_config,
+    start_batcher,
 };
+use crate::batcher::Batcher;
 use crate::config::{SnsConfig, SqsConfig};
 use crate::{Error, Message, Publisher, Result};
 
@@ -26,19 +29,34 @@ const TRANSPORT: &str = "sns";
 /// SNS's largest message (body plus attributes), and its largest batch.
 pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
 /// Entries per `PublishBatch`.
-const MAX_BATCH: usize = 10;
+const MAX_BATCH: usize = super::MAX_BATCH_ENTRIES;
 
-/// Publishes to an SNS topic.
-#[derive(Debug)]
+/// Publishes to an SNS topic. With `batching` (the default), concurrent `publish` calls
+/// share `PublishBatch` calls (see [`crate::config::SnsConfig::linger`]).
 pub struct SnsPublisher {
-    client: Client,
-    topic_arn: String,
-    name: String,
-    fifo: bool,
+    topic: Arc<Topic>,
+    batcher: Option<Batcher<Encoded>>,
     closed: AtomicBool,
 }
 
-/// Resolves the topic's ARN: given, created (with `create`), or found by name.
+impl std::fmt::Debug for SnsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnsPublisher")
+            .field("topic", &self.topic.name)
+            .field("batching", &self.batcher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A resolved topic.
+#[derive(Debug)]
+struct Topic {
+    client: Client,
+    arn: String,
+    name: String,
+    fifo: bool,
+}
+
 async fn topic_arn(client: &Client, config: &SnsConfig) -> Result<String> {
     let name = sqs::name_of(&config.topic).to_string();
     let subject = Subject {
@@ -91,17 +109,39 @@ impl SnsPublisher {
         }
         let sdk = sdk_config(config.region.as_deref(), config.endpoint.as_deref()).await;
         let client = Client::new(&sdk);
-        let topic_arn = topic_arn(&client, config).await?;
-        let name = sqs::name_of(&topic_arn).to_string();
-        Ok(SnsPublisher {
+        let arn = topic_arn(&client, config).await?;
+        let name = sqs::name_of(&arn).to_string();
+        let topic = Arc::new(Topic {
             client,
             fifo: name.ends_with(".fifo"),
-            topic_arn,
+            arn,
             name,
+        });
+        let batch_topic = topic.clone();
+        let batcher = start_batcher(
+            TRANSPORT,
+            config.batching,
+            config.linger,
+            config.batch_size,
+            MAX_MESSAGE_SIZE,
+            move |batch| send_batch(batch_topic.clone(), batch),
+        )?;
+        Ok(SnsPublisher {
+            topic,
+            batcher,
             closed: AtomicBool::new(false),
         })
     }
 
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(TRANSPORT, "publisher"));
+        }
+        Ok(())
+    }
+}
+
+impl Topic {
     fn subject(&self) -> Subject<'_> {
         Subject {
             transport: TRANSPORT,
@@ -118,57 +158,51 @@ impl SnsPublisher {
             max_size: MAX_MESSAGE_SIZE,
         }
     }
+}
 
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed(TRANSPORT, "publisher"));
-        }
-        Ok(())
+/// One `PublishBatch` call; entry ids are positions in `batch`.
+async fn send_batch(topic: Arc<Topic>, batch: Vec<Encoded>) -> BatchOutcome {
+    let mut entries = Vec::with_capacity(batch.len());
+    for (i, encoded) in batch.into_iter().enumerate() {
+        let entry = PublishBatchRequestEntry::builder()
+            .id(i.to_string())
+            .message(encoded.body)
+            .set_message_attributes(Some(attribute_map(encoded.attributes)?))
+            .set_message_group_id(encoded.group_id)
+            .set_message_deduplication_id(encoded.deduplication_id)
+            .build()
+            .map_err(|e| Error::transport(TRANSPORT, e.to_string(), false, None))?;
+        entries.push(entry);
     }
-
-    async fn send_batch(&self, batch: Vec<(usize, Encoded)>) -> BatchOutcome {
-        let mut entries = Vec::with_capacity(batch.len());
-        for (i, encoded) in batch {
-            let entry = PublishBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message(encoded.body)
-                .set_message_attributes(Some(attribute_map(encoded.attributes)?))
-                .set_message_group_id(encoded.group_id)
-                .set_message_deduplication_id(encoded.deduplication_id)
-                .build()
-                .map_err(|e| Error::transport(TRANSPORT, e.to_string(), false, None))?;
-            entries.push(entry);
-        }
-        let output = self
-            .client
-            .publish_batch()
-            .topic_arn(&self.topic_arn)
-            .set_publish_batch_request_entries(Some(entries))
-            .send()
-            .await
-            .map_err(|e| map_error(self.subject(), "PublishBatch", e))?;
-        Ok(EntryOutcomes {
-            succeeded: output
-                .successful()
-                .iter()
-                .filter_map(|e| e.id().map(str::to_string))
-                .collect(),
-            failed: output
-                .failed()
-                .iter()
-                .map(|f| {
-                    let error = entry_error(
-                        TRANSPORT,
-                        "PublishBatch",
-                        f.code(),
-                        f.message(),
-                        f.sender_fault(),
-                    );
-                    (f.id().to_string(), error)
-                })
-                .collect(),
-        })
-    }
+    let output = topic
+        .client
+        .publish_batch()
+        .topic_arn(&topic.arn)
+        .set_publish_batch_request_entries(Some(entries))
+        .send()
+        .await
+        .map_err(|e| map_error(topic.subject(), "PublishBatch", e))?;
+    Ok(EntryOutcomes {
+        succeeded: output
+            .successful()
+            .iter()
+            .filter_map(|e| e.id().map(str::to_string))
+            .collect(),
+        failed: output
+            .failed()
+            .iter()
+            .map(|f| {
+                let error = entry_error(
+                    TRANSPORT,
+                    "PublishBatch",
+                    f.code(),
+                    f.message(),
+                    f.sender_fault(),
+                );
+                (f.id().to_string(), error)
+            })
+            .collect(),
+    })
 }
 
 fn attribute_map(
@@ -193,17 +227,24 @@ fn attribute_map(
 impl Publisher for SnsPublisher {
     async fn publish(&self, message: Message) -> Result<String> {
         self.check_open()?;
-        let encoded = codec::encode(&message, self.target(), true)?;
-        self.client
+        let topic = &self.topic;
+        let encoded = codec::encode(&message, topic.target(), true)?;
+        if let Some(batcher) = &self.batcher {
+            let size = encoded.size;
+            batcher.send(encoded, size, None).await?;
+            return Ok(message.id);
+        }
+        topic
+            .client
             .publish()
-            .topic_arn(&self.topic_arn)
+            .topic_arn(&topic.arn)
             .message(encoded.body)
             .set_message_attributes(Some(attribute_map(encoded.attributes)?))
             .set_message_group_id(encoded.group_id)
             .set_message_deduplication_id(encoded.deduplication_id)
             .send()
             .await
-            .map_err(|e| map_error(self.subject(), "Publish", e))?;
+            .map_err(|e| map_error(topic.subject(), "Publish", e))?;
         Ok(message.id)
     }
 
@@ -213,16 +254,19 @@ impl Publisher for SnsPublisher {
         }
         publish_in_batches(
             &messages,
-            self.target(),
+            self.topic.target(),
             MAX_BATCH,
             MAX_MESSAGE_SIZE,
-            |batch| self.send_batch(batch),
+            |batch| send_batch(self.topic.clone(), batch),
         )
         .await
     }
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        if let Some(batcher) = &self.batcher {
+            batcher.close().await;
+        }
         Ok(())
     }
 }
@@ -244,6 +288,9 @@ pub async fn connect_subscriber(config: &SnsConfig) -> Result<SqsSubscriber> {
         wait: config.wait,
         visibility: config.visibility,
         max_receive_count: config.max_receive_count,
+        batching: config.batching,
+        linger: config.linger,
+        batch_size: config.batch_size,
     };
     let subscriber = SqsSubscriber::connect_with(&queue_config, true).await?;
     if config.create {

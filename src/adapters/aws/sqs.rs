@@ -18,13 +18,13 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
     QueueAttributeName, SendMessageBatchRequestEntry,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::codec::{self, Encoded, Target};
 use super::{
     BatchOutcome, EntryOutcomes, Subject, entry_error, long_poll_timeouts, map_error,
-    publish_in_batches, sdk_config,
+    publish_in_batches, sdk_config, start_batcher,
 };
+use crate::batcher::{Batcher, Limits, SendBatch};
 use crate::config::SqsConfig;
 use crate::subscriber::{
     DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, DeliveryInfo, Settle, check_receive_max,
@@ -35,13 +35,15 @@ const TRANSPORT: &str = "sqs";
 /// SQS's largest message (body plus attributes), and its largest batch.
 pub const MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 /// Entries per `SendMessageBatch` / `DeleteMessageBatch`.
-const MAX_BATCH: usize = 10;
+const MAX_BATCH: usize = super::MAX_BATCH_ENTRIES;
 /// The longest long poll SQS allows.
 const MAX_WAIT: Duration = Duration::from_secs(20);
 /// The longest visibility timeout SQS allows (12 hours).
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
 /// Concurrent `DeleteMessageBatch` calls per subscriber.
 const DELETE_CONCURRENCY: usize = 8;
+/// Under load, how long an ack may wait for others to share its `DeleteMessageBatch`.
+const DELETE_LINGER: Duration = Duration::from_millis(5);
 
 /// A resolved queue: the client, its URL and what cloudbus needs to know about it.
 #[derive(Debug)]
@@ -356,18 +358,28 @@ async fn create_queue(
     }
 }
 
-/// Publishes to an SQS queue.
-#[derive(Debug)]
+/// Publishes to an SQS queue. With `batching` (the default), concurrent `publish` calls
+/// share `SendMessageBatch` calls (see [`crate::config::SqsConfig::linger`]).
 pub struct SqsPublisher {
     queue: Arc<Queue>,
     max_size: usize,
+    batcher: Option<Batcher<Encoded>>,
     closed: AtomicBool,
+}
+
+impl std::fmt::Debug for SqsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsPublisher")
+            .field("queue", &self.queue.name)
+            .field("batching", &self.batcher.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqsPublisher {
     /// Connects to the queue `config` names.
     pub async fn connect(config: &SqsConfig) -> Result<Self> {
-        let queue = open(config).await?;
+        let queue = Arc::new(open(config).await?);
         let max_size = queue
             .attributes(&[QueueAttributeName::MaximumMessageSize])
             .await?
@@ -375,9 +387,19 @@ impl SqsPublisher {
             .and_then(|v| v.parse().ok())
             .unwrap_or(MAX_MESSAGE_SIZE)
             .min(MAX_MESSAGE_SIZE);
+        let batch_queue = queue.clone();
+        let batcher = start_batcher(
+            TRANSPORT,
+            config.batching,
+            config.linger,
+            config.batch_size,
+            MAX_MESSAGE_SIZE,
+            move |batch| send_batch(batch_queue.clone(), batch),
+        )?;
         Ok(SqsPublisher {
-            queue: Arc::new(queue),
+            queue,
             max_size,
+            batcher,
             closed: AtomicBool::new(false),
         })
     }
@@ -388,54 +410,54 @@ impl SqsPublisher {
         }
         Ok(())
     }
+}
 
-    async fn send_batch(&self, batch: Vec<(usize, Encoded)>) -> BatchOutcome {
-        let mut entries = Vec::with_capacity(batch.len());
-        for (i, encoded) in batch {
-            let entry = attribute_map(encoded.attributes).and_then(|attributes| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(encoded.body)
-                    .set_message_attributes(Some(attributes))
-                    .set_message_group_id(encoded.group_id)
-                    .set_message_deduplication_id(encoded.deduplication_id)
-                    .set_delay_seconds(encoded.delay_seconds)
-                    .build()
-                    .map_err(|e| Error::transport(TRANSPORT, e.to_string(), false, None))
-            });
-            entries.push(entry?);
-        }
-        let output = self
-            .queue
-            .client
-            .send_message_batch()
-            .queue_url(&self.queue.url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .map_err(|e| map_error(self.queue.subject(), "SendMessageBatch", e))?;
-        Ok(EntryOutcomes {
-            succeeded: output
-                .successful()
-                .iter()
-                .map(|e| e.id().to_string())
-                .collect(),
-            failed: output
-                .failed()
-                .iter()
-                .map(|f| {
-                    let error = entry_error(
-                        TRANSPORT,
-                        "SendMessageBatch",
-                        f.code(),
-                        f.message(),
-                        f.sender_fault(),
-                    );
-                    (f.id().to_string(), error)
-                })
-                .collect(),
-        })
+/// One `SendMessageBatch` call; entry ids are positions in `batch`.
+async fn send_batch(queue: Arc<Queue>, batch: Vec<Encoded>) -> BatchOutcome {
+    let mut entries = Vec::with_capacity(batch.len());
+    for (i, encoded) in batch.into_iter().enumerate() {
+        let entry = attribute_map(encoded.attributes).and_then(|attributes| {
+            SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(encoded.body)
+                .set_message_attributes(Some(attributes))
+                .set_message_group_id(encoded.group_id)
+                .set_message_deduplication_id(encoded.deduplication_id)
+                .set_delay_seconds(encoded.delay_seconds)
+                .build()
+                .map_err(|e| Error::transport(TRANSPORT, e.to_string(), false, None))
+        });
+        entries.push(entry?);
     }
+    let output = queue
+        .client
+        .send_message_batch()
+        .queue_url(&queue.url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .map_err(|e| map_error(queue.subject(), "SendMessageBatch", e))?;
+    Ok(EntryOutcomes {
+        succeeded: output
+            .successful()
+            .iter()
+            .map(|e| e.id().to_string())
+            .collect(),
+        failed: output
+            .failed()
+            .iter()
+            .map(|f| {
+                let error = entry_error(
+                    TRANSPORT,
+                    "SendMessageBatch",
+                    f.code(),
+                    f.message(),
+                    f.sender_fault(),
+                );
+                (f.id().to_string(), error)
+            })
+            .collect(),
+    })
 }
 
 #[async_trait]
@@ -443,7 +465,13 @@ impl Publisher for SqsPublisher {
     async fn publish(&self, message: Message) -> Result<String> {
         self.check_open()?;
         let encoded = codec::encode(&message, self.queue.target(self.max_size), true)?;
-        self.queue.send(encoded).await?;
+        match &self.batcher {
+            Some(batcher) => {
+                let size = encoded.size;
+                batcher.send(encoded, size, None).await?;
+            }
+            None => self.queue.send(encoded).await?,
+        }
         Ok(message.id)
     }
 
@@ -453,13 +481,16 @@ impl Publisher for SqsPublisher {
         }
         let target = self.queue.target(self.max_size);
         publish_in_batches(&messages, target, MAX_BATCH, MAX_MESSAGE_SIZE, |batch| {
-            self.send_batch(batch)
+            send_batch(self.queue.clone(), batch)
         })
         .await
     }
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        if let Some(batcher) = &self.batcher {
+            batcher.close().await;
+        }
         Ok(())
     }
 }
@@ -592,7 +623,7 @@ impl SqsSubscriber {
         let shared = &self.shared;
         let received_at = SystemTime::now();
         let wait_seconds = ceil_secs(wait).min(20);
-        let output = shared
+        let mut request = shared
             .queue
             .client
             .receive_message()
@@ -602,9 +633,14 @@ impl SqsSubscriber {
             .set_visibility_timeout(shared.visibility.map(ceil_secs))
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp);
+        if shared.queue.fifo {
+            // Only FIFO queues have them; not asking spares the broker work on the others.
+            request = request
+                .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+                .message_system_attribute_names(MessageSystemAttributeName::MessageDeduplicationId);
+        }
+        let output = request
             .customize()
             .config_override(
                 aws_sdk_sqs::config::Builder::default()
@@ -754,68 +790,54 @@ impl Settle for SqsSettle {
     }
 }
 
-/// Deletes messages in batches: acks queue here and go out through `DeleteMessageBatch`,
-/// up to ten per call and [`DELETE_CONCURRENCY`] calls at a time. While calls are in
-/// flight, further acks accumulate into the next batch, so batching grows with load and
-/// adds no delay when idle.
+/// Deletes messages in batches: acks go through a [`Batcher`] into `DeleteMessageBatch`
+/// calls of up to ten, [`DELETE_CONCURRENCY`] at a time. A lone ack goes out at once;
+/// under load a batch waits up to [`DELETE_LINGER`] to fill, so a busy consumer makes one
+/// call per ten messages, as a hand-written receive/delete loop does.
 struct Deleter {
-    requests: mpsc::UnboundedSender<DeleteRequest>,
+    batcher: Batcher<DeleteRequest>,
 }
 
-/// One delete: the receipt handle, the message id (for errors), and where to report.
+/// One delete: the receipt handle, and the message id (for errors).
 struct DeleteRequest {
     receipt: String,
     message_id: String,
-    done: oneshot::Sender<Result<()>>,
 }
 
 impl Deleter {
     fn start(client: Client, url: String, name: String) -> Deleter {
-        let (requests, mut incoming) = mpsc::unbounded_channel::<DeleteRequest>();
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(DELETE_CONCURRENCY));
-            while let Some(first) = incoming.recv().await {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match incoming.try_recv() {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
-                    }
-                }
-                let (client, url, name) = (client.clone(), url.clone(), name.clone());
-                tokio::spawn(async move {
-                    delete_batch(&client, &url, &name, batch).await;
-                    drop(permit);
-                });
-            }
+        let limits = Limits {
+            max_items: MAX_BATCH,
+            max_bytes: usize::MAX,
+            linger: DELETE_LINGER,
+            max_calls: DELETE_CONCURRENCY,
+        };
+        let (url, name): (Arc<str>, Arc<str>) = (url.into(), name.into());
+        let send: SendBatch<DeleteRequest> = Arc::new(move |batch| {
+            let (client, url, name) = (client.clone(), url.clone(), name.clone());
+            Box::pin(async move { delete_batch(&client, &url, &name, batch).await })
         });
-        Deleter { requests }
+        Deleter {
+            batcher: Batcher::start(TRANSPORT, "subscriber", limits, send),
+        }
     }
 
     async fn delete(&self, receipt: String, message_id: &str) -> Result<()> {
-        let (done, outcome) = oneshot::channel();
-        self.requests
-            .send(DeleteRequest {
-                receipt,
-                message_id: message_id.to_string(),
-                done,
-            })
-            .map_err(|_| Error::closed(TRANSPORT, "subscriber"))?;
-        outcome.await.unwrap_or_else(|_| {
-            Err(Error::transport(
-                TRANSPORT,
-                "the delete batcher stopped",
-                true,
-                None,
-            ))
-        })
+        let request = DeleteRequest {
+            receipt,
+            message_id: message_id.to_string(),
+        };
+        self.batcher.send(request, 0, None).await
     }
 }
 
-async fn delete_batch(client: &Client, url: &str, name: &str, batch: Vec<DeleteRequest>) {
+/// One `DeleteMessageBatch` call; one outcome per request, in order.
+async fn delete_batch(
+    client: &Client,
+    url: &str,
+    name: &str,
+    batch: Vec<DeleteRequest>,
+) -> Vec<Result<()>> {
     let subject = Subject {
         transport: TRANSPORT,
         entity: "queue",
@@ -842,38 +864,35 @@ async fn delete_batch(client: &Client, url: &str, name: &str, batch: Vec<DeleteR
         Ok(output) => output,
         Err(error) => {
             let error = map_error(subject, "DeleteMessageBatch", error);
-            for request in batch {
-                let _ = request.done.send(Err(error.clone()));
-            }
-            return;
+            return vec![Err(error); batch.len()];
         }
     };
-    let mut failures: HashMap<usize, Error> = HashMap::new();
+    let mut outcomes: Vec<Result<()>> = vec![Ok(()); batch.len()];
     for failed in output.failed() {
-        if let Ok(i) = failed.id().parse::<usize>() {
-            let error = if failed.code().contains("ReceiptHandleIsInvalid") {
-                Error::LockLost {
-                    transport: TRANSPORT,
-                    message_id: batch
-                        .get(i)
-                        .map(|r| r.message_id.clone())
-                        .unwrap_or_default(),
-                }
-            } else {
-                entry_error(
-                    TRANSPORT,
-                    "DeleteMessageBatch",
-                    failed.code(),
-                    failed.message(),
-                    failed.sender_fault(),
-                )
-            };
-            failures.insert(i, error);
-        }
+        let Some(i) = failed
+            .id()
+            .parse::<usize>()
+            .ok()
+            .filter(|i| *i < batch.len())
+        else {
+            continue;
+        };
+        outcomes[i] = Err(if failed.code().contains("ReceiptHandleIsInvalid") {
+            Error::LockLost {
+                transport: TRANSPORT,
+                message_id: batch[i].message_id.clone(),
+            }
+        } else {
+            entry_error(
+                TRANSPORT,
+                "DeleteMessageBatch",
+                failed.code(),
+                failed.message(),
+                failed.sender_fault(),
+            )
+        });
     }
-    for (i, request) in batch.into_iter().enumerate() {
-        let _ = request.done.send(failures.remove(&i).map_or(Ok(()), Err));
-    }
+    outcomes
 }
 
 #[cfg(test)]

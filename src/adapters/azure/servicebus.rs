@@ -46,6 +46,7 @@ use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue, Value};
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batcher::{Batcher, Limits, SendBatch};
 use crate::config::{Credential, ReceiveMode, Secret, ServiceBusConfig};
 use crate::subscriber::{DeliveryInfo, Settle, check_receive_max};
 use crate::{Delivery, Error, Message, Publisher, Result, Subscriber};
@@ -544,6 +545,7 @@ enum SendCommand {
 /// Publishes to a Service Bus queue or topic.
 pub struct ServiceBusPublisher {
     commands: mpsc::Sender<SendCommand>,
+    batcher: Option<Batcher<ServiceBusMessage>>,
     entity: String,
     sessions: bool,
     max_message_size: usize,
@@ -568,6 +570,11 @@ impl ServiceBusPublisher {
                 config.entity
             )));
         }
+        if config.batch_size == 0 {
+            return Err(Error::config(
+                "`batch_size=0`: a batch holds at least one message; use 1 or more (or batching=false)",
+            ));
+        }
         let (commands, incoming) = mpsc::channel(64);
         let owned = config.clone();
         on_client_thread(move || async move {
@@ -575,22 +582,30 @@ impl ServiceBusPublisher {
             Ok(run_sender(owned, client, sender, incoming))
         })
         .await?;
+        // One transfer at a time (the sender's link sends one after another anyway): what
+        // is published meanwhile gathers into the next batch.
+        let batcher = config.batching.then(|| {
+            let limits = Limits {
+                max_items: config.batch_size,
+                max_bytes: config.max_message_size,
+                linger: Duration::ZERO,
+                max_calls: 1,
+            };
+            let commands = commands.clone();
+            let send: SendBatch<ServiceBusMessage> = Arc::new(move |batch| {
+                let (commands, len) = (commands.clone(), batch.len());
+                Box::pin(async move { vec![send(&commands, batch).await; len] })
+            });
+            Batcher::start(TRANSPORT, "publisher", limits, send)
+        });
         Ok(ServiceBusPublisher {
             commands,
+            batcher,
             entity: config.entity.clone(),
             sessions: config.sessions,
             max_message_size: config.max_message_size,
             closed: AtomicBool::new(false),
         })
-    }
-
-    async fn send(&self, messages: Vec<ServiceBusMessage>) -> Result<()> {
-        let (reply, outcome) = oneshot::channel();
-        self.commands
-            .send(SendCommand::Send(messages, reply))
-            .await
-            .map_err(|_| closed("publisher"))?;
-        outcome.await.unwrap_or_else(|_| Err(closed("publisher")))
     }
 
     fn check_open(&self) -> Result<()> {
@@ -599,6 +614,19 @@ impl ServiceBusPublisher {
         }
         Ok(())
     }
+}
+
+/// Sends `messages` as one transfer through the sender's task.
+async fn send(
+    commands: &mpsc::Sender<SendCommand>,
+    messages: Vec<ServiceBusMessage>,
+) -> Result<()> {
+    let (reply, outcome) = oneshot::channel();
+    commands
+        .send(SendCommand::Send(messages, reply))
+        .await
+        .map_err(|_| closed("publisher"))?;
+    outcome.await.unwrap_or_else(|_| Err(closed("publisher")))
 }
 
 async fn run_sender(
@@ -700,7 +728,14 @@ impl Publisher for ServiceBusPublisher {
     async fn publish(&self, message: Message) -> Result<String> {
         self.check_open()?;
         let converted = to_servicebus(&message, self.sessions, self.max_message_size)?;
-        self.send(vec![converted]).await?;
+        match &self.batcher {
+            Some(batcher) => {
+                let size = message.payload_and_attributes_len() + ENCODING_OVERHEAD;
+                let session = converted.session_id().map(str::to_string);
+                batcher.send(converted, size, session).await?;
+            }
+            None => send(&self.commands, vec![converted]).await?,
+        }
         Ok(message.id)
     }
 
@@ -709,7 +744,9 @@ impl Publisher for ServiceBusPublisher {
             return messages.iter().map(|_| Err(error.clone())).collect();
         }
         let mut outcomes: Vec<Option<Result<String>>> = messages.iter().map(|_| None).collect();
-        // Batches are sent as one transfer, limited by the message size limit.
+        // Batches are sent as one transfer, limited by the message size limit, with one
+        // session id each (the partition key of a partitioned entity must be the same for
+        // the whole batch).
         let mut batches: Vec<(Vec<usize>, Vec<ServiceBusMessage>, usize)> = Vec::new();
         for (i, message) in messages.iter().enumerate() {
             match to_servicebus(message, self.sessions, self.max_message_size) {
@@ -717,7 +754,9 @@ impl Publisher for ServiceBusPublisher {
                     let size = message.payload_and_attributes_len() + ENCODING_OVERHEAD;
                     match batches.last_mut() {
                         Some((positions, batch, bytes))
-                            if *bytes + size <= self.max_message_size =>
+                            if *bytes + size <= self.max_message_size
+                                && batch.first().and_then(|m| m.session_id())
+                                    == converted.session_id() =>
                         {
                             positions.push(i);
                             batch.push(converted);
@@ -730,7 +769,7 @@ impl Publisher for ServiceBusPublisher {
             }
         }
         for (positions, batch, _) in batches {
-            let outcome = self.send(batch).await;
+            let outcome = send(&self.commands, batch).await;
             for i in positions {
                 outcomes[i] = Some(outcome.clone().map(|()| messages[i].id.clone()));
             }
@@ -744,6 +783,9 @@ impl Publisher for ServiceBusPublisher {
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
+        }
+        if let Some(batcher) = &self.batcher {
+            batcher.close().await;
         }
         let (reply, done) = oneshot::channel();
         if self.commands.send(SendCommand::Close(reply)).await.is_ok() {

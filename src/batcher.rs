@@ -1,0 +1,358 @@
+//! Automatic batching: concurrent calls coalesced into the transport's batch calls —
+//! [`crate::Publisher::publish`] into SendMessageBatch, PublishBatch or one Service Bus
+//! transfer, SQS acks into DeleteMessageBatch.
+//!
+//! Each call still gets its own outcome: an item is reported done only once the batch call
+//! that carried it has succeeded for it. A lone call goes out at once; while other batch calls
+//! are in flight, a batch waits up to the linger (counted from its first message's arrival)
+//! to fill, so batching grows with load and adds at most the linger of latency. Closing sends
+//! everything already queued and waits for the calls in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
+
+/// Sends one batch and reports one outcome per item, in order.
+pub(crate) type SendBatch<T> =
+    Arc<dyn Fn(Vec<T>) -> BoxFuture<'static, Vec<Result<()>>> + Send + Sync>;
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Items per batch call at most.
+    pub max_items: usize,
+    /// Bytes per batch call at most (as the items' sizes count them).
+    pub max_bytes: usize,
+    /// How long a batch may wait to fill while other calls are in flight.
+    pub linger: Duration,
+    /// Batch calls in flight at most.
+    pub max_calls: usize,
+}
+
+/// The handle publishers hold; its task does the batching.
+pub(crate) struct Batcher<T> {
+    transport: &'static str,
+    /// What the batcher serves (`publisher`, `subscriber`), for the closed error.
+    owner: &'static str,
+    items: mpsc::UnboundedSender<Item<T>>,
+    close: CancellationToken,
+    finished: CancellationToken,
+}
+
+struct Item<T> {
+    value: T,
+    bytes: usize,
+    group: Option<String>,
+    arrived: Instant,
+    done: oneshot::Sender<Result<()>>,
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task. Items wait in memory only while their callers wait for
+    /// them, so memory is bounded by the number of concurrent callers.
+    pub(crate) fn start(
+        transport: &'static str,
+        owner: &'static str,
+        limits: Limits,
+        send: SendBatch<T>,
+    ) -> Self {
+        let (items, incoming) = mpsc::unbounded_channel();
+        let close = CancellationToken::new();
+        let finished = CancellationToken::new();
+        tokio::spawn(run(
+            transport,
+            incoming,
+            limits,
+            send,
+            close.clone(),
+            finished.clone(),
+        ));
+        Batcher {
+            transport,
+            owner,
+            items,
+            close,
+            finished,
+        }
+    }
+
+    /// Queues `value` (of `bytes` bytes) for the next batch and waits for its outcome.
+    /// Items of different `group`s never share a batch (Service Bus wants one partition
+    /// key per batch).
+    pub(crate) async fn send(&self, value: T, bytes: usize, group: Option<String>) -> Result<()> {
+        let (done, outcome) = oneshot::channel();
+        let item = Item {
+            value,
+            bytes,
+            group,
+            arrived: Instant::now(),
+            done,
+        };
+        self.items
+            .send(item)
+            .map_err(|_| Error::closed(self.transport, self.owner))?;
+        outcome.await.unwrap_or_else(|_| {
+            Err(Error::transport(
+                self.transport,
+                "the batching task stopped; the message may or may not have been sent",
+                true,
+                None,
+            ))
+        })
+    }
+
+    /// Sends what is queued, waits for the calls in flight, and refuses further items.
+    pub(crate) async fn close(&self) {
+        self.close.cancel();
+        self.finished.cancelled().await;
+    }
+}
+
+async fn run<T: Send + 'static>(
+    transport: &'static str,
+    mut incoming: mpsc::UnboundedReceiver<Item<T>>,
+    limits: Limits,
+    send: SendBatch<T>,
+    close: CancellationToken,
+    finished: CancellationToken,
+) {
+    let max_calls = limits.max_calls.max(1);
+    let calls = Arc::new(Semaphore::new(max_calls));
+    let mut carried: Option<Item<T>> = None;
+    let mut closing = false;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None if closing => match incoming.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+            None => tokio::select! {
+                biased;
+                item = incoming.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                () = close.cancelled() => {
+                    // Refuse new items; the ones already queued are still received.
+                    closing = true;
+                    incoming.close();
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            break;
+        };
+        // Another call in flight means load: wait (up to the linger) for a fuller batch.
+        let busy = calls.available_permits() + 1 < max_calls;
+        let deadline = if busy && !closing {
+            first.arrived + limits.linger
+        } else {
+            first.arrived
+        };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < limits.max_items {
+            let next = match incoming.try_recv() {
+                Ok(item) => Some(item),
+                Err(TryRecvError::Disconnected) => None,
+                Err(TryRecvError::Empty) if Instant::now() >= deadline => None,
+                Err(TryRecvError::Empty) => tokio::select! {
+                    // A close ends the wait: the batch goes out now.
+                    () = close.cancelled(), if !closing => None,
+                    item = tokio::time::timeout_at(deadline, incoming.recv()) => item.ok().flatten(),
+                },
+            };
+            let Some(item) = next else {
+                break;
+            };
+            if bytes + item.bytes > limits.max_bytes || item.group != batch[0].group {
+                carried = Some(item);
+                break;
+            }
+            bytes += item.bytes;
+            batch.push(item);
+        }
+        let send = send.clone();
+        tokio::spawn(async move {
+            let (values, dones): (Vec<T>, Vec<_>) = batch
+                .into_iter()
+                .map(|item| (item.value, item.done))
+                .unzip();
+            let mut outcomes = send(values).await.into_iter();
+            for done in dones {
+                let outcome = outcomes.next().unwrap_or_else(|| {
+                    Err(Error::transport(
+                        transport,
+                        "the batch call reported nothing for this message; it may or may not have been sent",
+                        true,
+                        None,
+                    ))
+                });
+                let _ = done.send(outcome);
+            }
+            drop(permit);
+        });
+    }
+    // Wait for the calls in flight.
+    let _ = calls.acquire_many(max_calls as u32).await;
+    finished.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn recording(
+        calls: Arc<Mutex<Vec<Vec<u32>>>>,
+        delay: Duration,
+        fail: Option<u32>,
+    ) -> SendBatch<u32> {
+        Arc::new(move |batch: Vec<u32>| {
+            let calls = calls.clone();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let outcomes = batch
+                    .iter()
+                    .map(|v| {
+                        if Some(*v) == fail {
+                            Err(Error::transport("test", "refused", false, None))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .collect();
+                calls.lock().map(|mut c| c.push(batch)).ok();
+                outcomes
+            })
+        })
+    }
+
+    fn limits(linger: Duration) -> Limits {
+        Limits {
+            max_items: 10,
+            max_bytes: 1000,
+            linger,
+            max_calls: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_sends_are_coalesced_and_each_gets_its_outcome() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            "publisher",
+            limits(Duration::from_millis(20)),
+            recording(calls.clone(), Duration::from_millis(20), Some(7)),
+        ));
+        let sends = (0..40u32).map(|v| {
+            let batcher = batcher.clone();
+            async move { (v, batcher.send(v, 10, None).await) }
+        });
+        for (v, outcome) in futures::future::join_all(sends).await {
+            assert_eq!(outcome.is_err(), v == 7, "{v}: {outcome:?}");
+        }
+        let calls = calls.lock().unwrap().clone();
+        let mut sent: Vec<u32> = calls.iter().flatten().copied().collect();
+        sent.sort_unstable();
+        assert_eq!(sent, (0..40).collect::<Vec<_>>());
+        assert!(calls.iter().all(|c| c.len() <= 10), "{calls:?}");
+        assert!(calls.len() < 40, "not coalesced: {calls:?}");
+    }
+
+    #[tokio::test]
+    async fn byte_limit_splits_batches() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            "publisher",
+            limits(Duration::from_millis(20)),
+            recording(calls.clone(), Duration::from_millis(5), None),
+        ));
+        let sends = (0..6u32).map(|v| {
+            let batcher = batcher.clone();
+            async move { batcher.send(v, 400, None).await }
+        });
+        assert!(
+            futures::future::join_all(sends)
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
+        let calls = calls.lock().unwrap().clone();
+        assert!(calls.iter().all(|c| c.len() <= 2), "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn groups_never_share_a_batch() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            "publisher",
+            limits(Duration::from_millis(20)),
+            recording(calls.clone(), Duration::from_millis(5), None),
+        ));
+        let sends = (0..30u32).map(|v| {
+            let batcher = batcher.clone();
+            async move { batcher.send(v, 1, Some((v % 3).to_string())).await }
+        });
+        assert!(
+            futures::future::join_all(sends)
+                .await
+                .iter()
+                .all(Result::is_ok)
+        );
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 30);
+        assert!(
+            calls.iter().all(|c| c.iter().all(|v| v % 3 == c[0] % 3)),
+            "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_sends_what_is_queued_and_then_refuses() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            "publisher",
+            limits(Duration::from_secs(60)),
+            recording(calls.clone(), Duration::from_millis(50), None),
+        ));
+        let pending: Vec<_> = (0..25u32)
+            .map(|v| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.send(v, 1, None).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        batcher.close().await;
+        let mut succeeded = 0;
+        for task in pending {
+            // Every send queued before the close was sent; later ones are refused.
+            match task.await.unwrap() {
+                Ok(()) => succeeded += 1,
+                Err(Error::Closed { .. }) => {}
+                Err(other) => panic!("{other}"),
+            }
+        }
+        let sent: usize = calls.lock().unwrap().iter().map(Vec::len).sum();
+        assert!(sent > 0);
+        assert_eq!(sent, succeeded);
+        assert!(matches!(
+            batcher.send(99, 1, None).await,
+            Err(Error::Closed { .. })
+        ));
+    }
+}
