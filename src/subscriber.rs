@@ -46,6 +46,14 @@ pub trait Subscriber: Send + Sync {
     fn receive_is_cancel_safe(&self) -> bool {
         false
     }
+
+    /// How many [`receive`](Subscriber::receive) calls can usefully run at once: more than
+    /// one when each is an independent request to the broker (SQS long polls), `1` (the
+    /// default) when the transport serves them one after another. The
+    /// [`Consumer`](crate::Consumer) runs at most this many.
+    fn concurrent_receives(&self) -> usize {
+        1
+    }
 }
 
 /// Checks the `max` argument of [`Subscriber::receive`]: at least 1. For adapter authors.
@@ -262,6 +270,10 @@ impl<T: Subscriber + ?Sized> Subscriber for Box<T> {
     fn receive_is_cancel_safe(&self) -> bool {
         (**self).receive_is_cancel_safe()
     }
+
+    fn concurrent_receives(&self) -> usize {
+        (**self).concurrent_receives()
+    }
 }
 
 #[async_trait]
@@ -276,5 +288,9 @@ impl<T: Subscriber + ?Sized> Subscriber for std::sync::Arc<T> {
 
     fn receive_is_cancel_safe(&self) -> bool {
         (**self).receive_is_cancel_safe()
+    }
+
+    fn concurrent_receives(&self) -> usize {
+        (**self).concurrent_receives()
     }
 }

@@ -48,11 +48,16 @@ struct Log {
     extends: usize,
     /// Long polls ([`Step::Poll`]) that returned.
     polls_ended: usize,
+    /// Receive calls in progress now, and the most at once.
+    in_flight: usize,
+    most_in_flight: usize,
 }
 
 struct Scripted {
     script: Mutex<VecDeque<Step>>,
     log: Arc<Mutex<Log>>,
+    /// What [`Subscriber::concurrent_receives`] reports.
+    concurrent: usize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,8 +89,38 @@ impl Scripted {
         let subscriber = Scripted {
             script: Mutex::new(steps.into()),
             log: log.clone(),
+            concurrent: 1,
         };
         (Arc::new(subscriber), log)
+    }
+
+    /// Like [`Scripted::new`], reporting `concurrent` concurrent receives (like SQS).
+    fn concurrent(steps: Vec<Step>, concurrent: usize) -> (Arc<Scripted>, Arc<Mutex<Log>>) {
+        let (subscriber, log) = Scripted::new(steps);
+        let subscriber = Scripted {
+            script: Mutex::new(std::mem::take(&mut *lock(&subscriber.script))),
+            log: log.clone(),
+            concurrent,
+        };
+        (Arc::new(subscriber), log)
+    }
+}
+
+/// Counts a receive call in progress while it lives.
+struct InFlight(Arc<Mutex<Log>>);
+
+impl InFlight {
+    fn enter(log: &Arc<Mutex<Log>>) -> InFlight {
+        let mut entry = lock(log);
+        entry.in_flight += 1;
+        entry.most_in_flight = entry.most_in_flight.max(entry.in_flight);
+        InFlight(log.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.0).in_flight -= 1;
     }
 }
 
@@ -93,6 +128,7 @@ impl Scripted {
 impl Subscriber for Scripted {
     async fn receive(&self, max: usize, _wait: Duration) -> Result<Vec<Delivery>> {
         lock(&self.log).receives.push((Instant::now(), max));
+        let _in_flight = InFlight::enter(&self.log);
         let step = lock(&self.script).pop_front();
         match step {
             None => Ok(Vec::new()),
@@ -113,6 +149,10 @@ impl Subscriber for Scripted {
 
     async fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn concurrent_receives(&self) -> usize {
+        self.concurrent
     }
 }
 
@@ -240,6 +280,70 @@ async fn empty_receives_that_return_at_once_do_not_spin() {
     let most = (elapsed.as_millis() / 50) as usize + 1;
     assert!(calls <= most, "{calls} receive calls in {elapsed:?}");
     assert_eq!(summary.received, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_receives_run_while_messages_flow_and_one_when_idle() {
+    let tokens = |n: usize| (0..n).map(|_| CancellationToken::new()).collect::<Vec<_>>();
+    let (full, empty, idle) = (tokens(3), tokens(4), tokens(2));
+    let mut steps = vec![Step::Deliver(texts(&["first"]))];
+    for (i, poll) in full.iter().enumerate() {
+        steps.push(Step::Poll(poll.clone(), texts(&[&format!("poll {i}")])));
+    }
+    for poll in empty.iter().chain(&idle) {
+        steps.push(Step::Poll(poll.clone(), Vec::new()));
+    }
+    let (subscriber, log) = Scripted::concurrent(steps, 8);
+    // 40 slots: 4 receivers by default.
+    let consumer = builder(subscriber)
+        .concurrency(40)
+        .build()
+        .expect("consumer");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+    // After a receive that returned messages, four long polls run at once.
+    wait_until("four receive calls at once", || lock(&log).in_flight == 4).await;
+    full.iter().for_each(CancellationToken::cancel);
+    wait_until("every message", || lock(&log).settled.len() == 4).await;
+    wait_until("the empty polls", || lock(&log).in_flight == 4).await;
+    // They return nothing: from then on, one call at a time.
+    empty.iter().for_each(CancellationToken::cancel);
+    let first_idle = 1 + full.len() + empty.len();
+    wait_until("an idle poll", || {
+        lock(&log).receives.len() == first_idle + 1
+    })
+    .await;
+    // Give the consumer the chance to start a second one before checking it did not.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(lock(&log).receives.len(), first_idle + 1);
+    assert_eq!(lock(&log).in_flight, 1, "idle polls overlapped");
+    idle.iter().for_each(CancellationToken::cancel);
+    let summary = stop(shutdown, task).await;
+    assert_eq!(summary.acked, 4, "{summary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receives_never_exceed_what_the_subscriber_allows() {
+    let polls: Vec<CancellationToken> = (0..4).map(|_| CancellationToken::new()).collect();
+    let mut steps = vec![Step::Deliver(texts(&["first"]))];
+    for poll in &polls {
+        steps.push(Step::Poll(poll.clone(), Vec::new()));
+    }
+    let (subscriber, log) = Scripted::concurrent(steps, 2);
+    let consumer = builder(subscriber)
+        .concurrency(80)
+        .build()
+        .expect("consumer");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+    wait_until("two receive calls at once", || lock(&log).in_flight == 2).await;
+    // Give the consumer the chance to overstep before checking it did not.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(lock(&log).most_in_flight, 2);
+    for poll in &polls {
+        poll.cancel();
+    }
+    stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,9 @@
 //!
 //! - **Concurrency and prefetch.** At most [`ConsumerBuilder::concurrency`] messages are
 //!   in the consumer at once, and it receives only for free slots (at most 10 per call),
-//!   so no message waits in a local buffer while its lock runs out.
+//!   so no message waits in a local buffer while its lock runs out. While messages flow,
+//!   several receive calls run at once ([`ConsumerBuilder::receivers`]); on an idle queue
+//!   one long poll at a time.
 //! - **Lock renewal.** While a handler runs, its message's lock is extended at two thirds
 //!   of the lock duration, up to [`LockRenewal::max_total`]; see [`LockRenewal`].
 //! - **Ordering keys.** Messages with the same [`Message::ordering_key`](crate::Message)
@@ -167,6 +169,16 @@ pub(crate) struct Settings {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) receive_wait: Duration,
     pub(crate) receive_backoff: (Duration, Duration),
+    /// Receive calls in flight at most; `None`: one per 10 slots, 1 to 8.
+    pub(crate) receivers: Option<usize>,
+}
+
+impl Settings {
+    /// Receive calls in flight at most.
+    pub(crate) fn receivers(&self) -> usize {
+        self.receivers
+            .unwrap_or_else(|| self.concurrency.div_ceil(10).clamp(1, 8))
+    }
 }
 
 /// Options of a [`Consumer`].
@@ -198,6 +210,7 @@ impl Consumer {
                 shutdown_timeout: Duration::from_secs(30),
                 receive_wait: Duration::from_secs(20),
                 receive_backoff: (Duration::from_millis(200), Duration::from_secs(10)),
+                receivers: None,
             },
         }
     }
@@ -244,6 +257,16 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Receive calls in flight at most, while messages are flowing. Default: one per 10
+    /// slots of [`ConsumerBuilder::concurrency`], 1 to 8; never more than the subscriber's
+    /// [`Subscriber::concurrent_receives`] (SQS and SNS: several; Service Bus and memory: 1). After a receive that returned
+    /// nothing the consumer polls with one call until messages come again, so an idle
+    /// queue costs one long poll per [`ConsumerBuilder::receive_wait`].
+    pub fn receivers(mut self, receivers: usize) -> Self {
+        self.settings.receivers = Some(receivers);
+        self
+    }
+
     /// The pause after a failed receive: `base`, doubling per failure up to `cap`. Default
     /// 200 ms to 10 s.
     pub fn receive_backoff(mut self, base: Duration, cap: Duration) -> Self {
@@ -262,6 +285,9 @@ impl ConsumerBuilder {
         let settings = self.settings;
         if settings.concurrency == 0 {
             return Err(Error::config("consumer: concurrency must be at least 1"));
+        }
+        if settings.receivers == Some(0) {
+            return Err(Error::config("consumer: receivers must be at least 1"));
         }
         settings.retry.validate()?;
         let (base, cap) = settings.receive_backoff;

@@ -8,7 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -47,8 +48,19 @@ struct Shared<H> {
     receiving_ended: CancellationToken,
 }
 
-/// A receive call in progress, owned so that it can outlive the run loop.
-type Receiving = Pin<Box<dyn Future<Output = crate::Result<Vec<Delivery>>> + Send>>;
+/// A receive call in progress with the slots it holds and when it was asked; owned so
+/// that it can outlive the run loop.
+type Poll = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    crate::Result<Vec<Delivery>>,
+                    Vec<OwnedSemaphorePermit>,
+                    Instant,
+                ),
+            > + Send,
+    >,
+>;
 
 pub(crate) async fn run<H: Handler>(
     subscriber: Arc<dyn Subscriber>,
@@ -72,34 +84,62 @@ pub(crate) async fn run<H: Handler>(
     let (base, cap) = shared.settings.receive_backoff;
     let mut backoff = Backoff::new(base, cap);
 
-    // A receive call still in progress when shutdown was requested.
-    let mut pending: Option<Receiving> = None;
+    let receivers = shared
+        .settings
+        .receivers()
+        .min(subscriber.concurrent_receives())
+        .max(1);
+    let fair_share = shared.settings.concurrency / receivers;
+    // Receive calls in progress, each with the slots it holds and when it was asked.
+    let mut polls: FuturesUnordered<Poll> = FuturesUnordered::new();
+    // After an empty receive, one call at a time (an idle queue costs one long poll per
+    // wait, not `receivers`); after one that returned messages, up to `receivers`.
+    let mut idle = true;
+    // No new receive before this (after a failure or a receive that returned at once).
+    let mut paused_until: Option<tokio::time::Instant> = None;
     let stopped = loop {
         while let Some(joined) = tasks.try_join_next() {
             report_task_failure(joined);
         }
-        let Some(permits) = free_slots(&slots, &shutdown).await else {
-            break StopReason::Cancelled;
+        let limit = if idle { 1 } else { receivers };
+        let may_start = polls.len() < limit && paused_until.is_none();
+        // The first call takes what is free; further ones wait for a fair share of the
+        // slots, so that each asks for a full batch instead of a few messages.
+        let least = if polls.is_empty() { 1 } else { fair_share };
+        let pause_over = async {
+            match paused_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => std::future::pending().await,
+            }
         };
-        let asked_at = Instant::now();
-        let mut receiving: Receiving = {
-            let (subscriber, max) = (subscriber.clone(), permits.len());
-            let wait = shared.settings.receive_wait;
-            Box::pin(async move { subscriber.receive(max, wait).await })
-        };
-        let received = tokio::select! {
+        let event = tokio::select! {
             biased;
-            () = shutdown.cancelled() => None,
-            received = &mut receiving => Some(received),
+            () = shutdown.cancelled() => break StopReason::Cancelled,
+            Some(done) = polls.next(), if !polls.is_empty() => PollEvent::Done(done),
+            () = pause_over => PollEvent::PauseOver,
+            permits = free_slots(&slots, least), if may_start => PollEvent::Slots(permits),
         };
-        let Some(received) = received else {
-            pending = Some(receiving);
-            break StopReason::Cancelled;
+        let (received, permits, asked_at) = match event {
+            PollEvent::PauseOver => {
+                paused_until = None;
+                continue;
+            }
+            PollEvent::Slots(None) => break StopReason::Cancelled,
+            PollEvent::Slots(Some(permits)) => {
+                let (subscriber, max) = (subscriber.clone(), permits.len());
+                let wait = shared.settings.receive_wait;
+                polls.push(Box::pin(async move {
+                    let asked_at = Instant::now();
+                    (subscriber.receive(max, wait).await, permits, asked_at)
+                }));
+                continue;
+            }
+            PollEvent::Done(done) => done,
         };
         match received {
             Ok(batch) => {
                 backoff.reset();
-                let empty = batch.is_empty();
+                idle = batch.is_empty();
                 let mut permits = permits.into_iter();
                 for delivery in batch {
                     match permits.next() {
@@ -112,17 +152,15 @@ pub(crate) async fn run<H: Handler>(
                         }
                     }
                 }
-                if empty && asked_at.elapsed() < IDLE_PAUSE {
-                    tokio::select! {
-                        () = shutdown.cancelled() => break StopReason::Cancelled,
-                        () = tokio::time::sleep(IDLE_PAUSE) => {}
-                    }
+                if idle && asked_at.elapsed() < IDLE_PAUSE {
+                    paused_until = Some(tokio::time::Instant::now() + IDLE_PAUSE);
                 }
             }
             Err(Error::Closed { .. }) => break StopReason::SubscriberClosed,
             Err(error) => {
                 bump(&shared.stats.receive_errors);
                 shared.instruments.receive_errors.increment(1);
+                idle = true;
                 let pause = backoff.next_delay();
                 let destination = &shared.settings.destination;
                 if error.is_transient() {
@@ -142,44 +180,60 @@ pub(crate) async fn run<H: Handler>(
                         "receive failed with an error a retry may not fix; retrying"
                     );
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => break StopReason::Cancelled,
-                    () = tokio::time::sleep(pause) => {}
-                }
+                paused_until = Some(tokio::time::Instant::now() + pause);
             }
         }
     };
 
-    // A transport whose receive is cancel-safe loses nothing when the call is dropped.
-    let pending = pending.filter(|_| !subscriber.receive_is_cancel_safe());
+    // A transport whose receive is cancel-safe loses nothing when the calls are dropped.
+    let pending = if subscriber.receive_is_cancel_safe() {
+        FuturesUnordered::new()
+    } else {
+        polls
+    };
     let receiving = finish_receiving(&shared, pending);
     drain(&shared, tasks, receiving).await;
     shared.stats.summary(stopped)
 }
 
-/// Lets a receive call that was in progress at shutdown finish in a task, and releases
-/// whatever it returns; marks receiving as ended as soon as the call returns.
+/// What the run loop waits for.
+enum PollEvent {
+    Done(
+        (
+            crate::Result<Vec<Delivery>>,
+            Vec<OwnedSemaphorePermit>,
+            Instant,
+        ),
+    ),
+    Slots(Option<Vec<OwnedSemaphorePermit>>),
+    PauseOver,
+}
+
+/// Lets the receive calls in progress at shutdown finish in a task, and releases whatever
+/// they return; marks receiving as ended as soon as the last call returns.
 ///
-/// Dropping the call would not stop it: an SQS long poll goes on at the broker after the
+/// Dropping a call would not stop it: an SQS long poll goes on at the broker after the
 /// client hangs up, and the messages it takes (including ones this consumer releases while
 /// shutting down) would stay invisible until their visibility timeout. Letting it finish
 /// costs at most the receive wait; [`drain`] waits for it until the deadline.
 fn finish_receiving<H: Handler>(
     shared: &Arc<Shared<H>>,
-    pending: Option<Receiving>,
+    mut pending: FuturesUnordered<Poll>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let Some(receiving) = pending else {
+    if pending.is_empty() {
         shared.receiving_ended.cancel();
         return None;
-    };
+    }
     let shared = shared.clone();
     let finish = async move {
-        let received = receiving.await;
+        let mut batches = Vec::new();
+        while let Some((received, _permits, _)) = pending.next().await {
+            if let Ok(batch) = received {
+                batches.push(batch);
+            }
+        }
         shared.receiving_ended.cancel();
-        let Ok(batch) = received else {
-            return;
-        };
-        let releases = batch.into_iter().map(|delivery| {
+        let releases = batches.into_iter().flatten().map(|delivery| {
             bump(&shared.stats.received);
             shared.instruments.received.increment(1);
             let span = process_span(&shared.settings.destination, &delivery);
@@ -190,22 +244,20 @@ fn finish_receiving<H: Handler>(
     Some(tokio::spawn(finish.with_current_subscriber()))
 }
 
-/// Waits for at least one free slot and takes up to [`MAX_BATCH`]; `None` on shutdown.
-async fn free_slots(
-    slots: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<Vec<OwnedSemaphorePermit>> {
-    let first = tokio::select! {
-        biased;
-        () = shutdown.cancelled() => return None,
-        permit = slots.clone().acquire_owned() => permit.ok()?,
-    };
-    let mut permits = vec![first];
-    while permits.len() < MAX_BATCH {
+/// Waits for at least `least` free slots and takes up to [`MAX_BATCH`], one permit per
+/// slot; `None` if the semaphore is closed.
+async fn free_slots(slots: &Arc<Semaphore>, least: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+    let least = least.clamp(1, MAX_BATCH);
+    let mut taken = slots.clone().acquire_many_owned(least as u32).await.ok()?;
+    while taken.num_permits() < MAX_BATCH {
         match slots.clone().try_acquire_owned() {
-            Ok(permit) => permits.push(permit),
+            Ok(permit) => taken.merge(permit),
             Err(_) => break,
         }
+    }
+    let mut permits = Vec::with_capacity(taken.num_permits());
+    while let Some(permit) = taken.split(1) {
+        permits.push(permit);
     }
     Some(permits)
 }

@@ -40,6 +40,8 @@ const MAX_BATCH: usize = super::MAX_BATCH_ENTRIES;
 const MAX_WAIT: Duration = Duration::from_secs(20);
 /// The longest visibility timeout SQS allows (12 hours).
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+/// Receive calls (long polls) a consumer may run at once on one subscriber.
+const CONCURRENT_RECEIVES: usize = 16;
 /// Concurrent `DeleteMessageBatch` calls per subscriber.
 const DELETE_CONCURRENCY: usize = 8;
 /// Under load, how long an ack may wait for others to share its `DeleteMessageBatch`.
@@ -610,6 +612,11 @@ impl Subscriber for SqsSubscriber {
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Each receive is a long poll of its own.
+    fn concurrent_receives(&self) -> usize {
+        CONCURRENT_RECEIVES
     }
 }
 
