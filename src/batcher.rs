@@ -238,6 +238,21 @@ mod tests {
         })
     }
 
+    /// Sends `count` values concurrently, each of `bytes` bytes and in the group `group`
+    /// gives it; every outcome, in order.
+    async fn send_all(
+        batcher: &Arc<Batcher<u32>>,
+        count: u32,
+        bytes: usize,
+        group: impl Fn(u32) -> Option<String>,
+    ) -> Vec<Result<()>> {
+        let sends = (0..count).map(|v| {
+            let (batcher, group) = (batcher.clone(), group(v));
+            async move { batcher.send(v, bytes, group).await }
+        });
+        futures::future::join_all(sends).await
+    }
+
     fn limits(linger: Duration) -> Limits {
         Limits {
             max_items: 10,
@@ -256,11 +271,11 @@ mod tests {
             limits(Duration::from_millis(20)),
             recording(calls.clone(), Duration::from_millis(20), Some(7)),
         ));
-        let sends = (0..40u32).map(|v| {
-            let batcher = batcher.clone();
-            async move { (v, batcher.send(v, 10, None).await) }
-        });
-        for (v, outcome) in futures::future::join_all(sends).await {
+        for (v, outcome) in send_all(&batcher, 40, 10, |_| None)
+            .await
+            .iter()
+            .enumerate()
+        {
             assert_eq!(outcome.is_err(), v == 7, "{v}: {outcome:?}");
         }
         let calls = calls.lock().unwrap().clone();
@@ -280,16 +295,8 @@ mod tests {
             limits(Duration::from_millis(20)),
             recording(calls.clone(), Duration::from_millis(5), None),
         ));
-        let sends = (0..6u32).map(|v| {
-            let batcher = batcher.clone();
-            async move { batcher.send(v, 400, None).await }
-        });
-        assert!(
-            futures::future::join_all(sends)
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
+        let outcomes = send_all(&batcher, 6, 400, |_| None).await;
+        assert!(outcomes.iter().all(Result::is_ok));
         let calls = calls.lock().unwrap().clone();
         assert!(calls.iter().all(|c| c.len() <= 2), "{calls:?}");
     }
@@ -303,16 +310,8 @@ mod tests {
             limits(Duration::from_millis(20)),
             recording(calls.clone(), Duration::from_millis(5), None),
         ));
-        let sends = (0..30u32).map(|v| {
-            let batcher = batcher.clone();
-            async move { batcher.send(v, 1, Some((v % 3).to_string())).await }
-        });
-        assert!(
-            futures::future::join_all(sends)
-                .await
-                .iter()
-                .all(Result::is_ok)
-        );
+        let outcomes = send_all(&batcher, 30, 1, |v| Some((v % 3).to_string())).await;
+        assert!(outcomes.iter().all(Result::is_ok));
         let calls = calls.lock().unwrap().clone();
         assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 30);
         assert!(
