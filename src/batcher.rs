@@ -4,16 +4,18 @@
 //!
 //! Each call still gets its own outcome: an item is reported done only once the batch call
 //! that carried it has succeeded for it. A lone call goes out at once; while other batch calls
-//! are in flight, a batch waits up to the linger (counted from its first message's arrival)
-//! to fill, so batching grows with load and adds at most the linger of latency. Closing sends
-//! everything already queued and waits for the calls in flight.
+//! are in flight, a batch waits up to the linger (counted from its first item's arrival) to
+//! fill, so batching grows with load. Past the linger, a batch that is still not full waits
+//! on while more than one other call is in flight (until one ends or the batch fills): with
+//! a slow broker, small batches would only add calls and slow it down further. Closing
+//! sends everything already queued and waits for the calls in flight.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +117,20 @@ impl<T: Send + 'static> Batcher<T> {
     }
 }
 
+/// How a wait for a fuller batch ended.
+enum Wait<T> {
+    /// Send the batch now.
+    Go,
+    /// An item, or `None` once the channel is closed and empty.
+    Item(Option<Item<T>>),
+    /// Time to look again at the linger and the calls in flight.
+    Recheck,
+}
+
+/// Past its linger, a partial batch goes out only while at most this many other calls are
+/// in flight (full batches go whenever a call slot is free).
+const PARTIAL_CALLS: usize = 1;
+
 async fn run<T: Send + 'static>(
     transport: &'static str,
     mut incoming: mpsc::UnboundedReceiver<Item<T>>,
@@ -125,6 +141,8 @@ async fn run<T: Send + 'static>(
 ) {
     let max_calls = limits.max_calls.max(1);
     let calls = Arc::new(Semaphore::new(max_calls));
+    // Signalled whenever a call ends (a stored permit if nobody waits).
+    let call_done = Arc::new(Notify::new());
     let mut carried: Option<Item<T>> = None;
     let mut closing = false;
     loop {
@@ -151,9 +169,10 @@ async fn run<T: Send + 'static>(
         let Ok(permit) = calls.clone().acquire_owned().await else {
             break;
         };
+        // Calls in flight besides the one this batch will make.
+        let others = || max_calls - calls.available_permits() - 1;
         // Another call in flight means load: wait (up to the linger) for a fuller batch.
-        let busy = calls.available_permits() + 1 < max_calls;
-        let deadline = if busy && !closing {
+        let deadline = if others() > 0 && !closing {
             first.arrived + limits.linger
         } else {
             first.arrived
@@ -164,12 +183,29 @@ async fn run<T: Send + 'static>(
             let next = match incoming.try_recv() {
                 Ok(item) => Some(item),
                 Err(TryRecvError::Disconnected) => None,
-                Err(TryRecvError::Empty) if Instant::now() >= deadline => None,
-                Err(TryRecvError::Empty) => tokio::select! {
-                    // A close ends the wait: the batch goes out now.
-                    () = close.cancelled(), if !closing => None,
-                    item = tokio::time::timeout_at(deadline, incoming.recv()) => item.ok().flatten(),
-                },
+                Err(TryRecvError::Empty) => {
+                    let lingering = Instant::now() < deadline;
+                    // Past the linger, a partial batch still waits while more than
+                    // PARTIAL_CALLS other calls are in flight: with a slow broker, small
+                    // batches would only add calls and slow it down further.
+                    let crowded = others() > PARTIAL_CALLS;
+                    if closing || !(lingering || crowded) {
+                        None
+                    } else {
+                        let wait = tokio::select! {
+                            // A close ends the wait: the batch goes out now.
+                            () = close.cancelled(), if !closing => Wait::Go,
+                            item = incoming.recv() => Wait::Item(item),
+                            () = tokio::time::sleep_until(deadline), if lingering => Wait::Recheck,
+                            () = call_done.notified(), if !lingering => Wait::Recheck,
+                        };
+                        match wait {
+                            Wait::Go => None,
+                            Wait::Item(item) => item,
+                            Wait::Recheck => continue,
+                        }
+                    }
+                }
             };
             let Some(item) = next else {
                 break;
@@ -181,7 +217,7 @@ async fn run<T: Send + 'static>(
             bytes += item.bytes;
             batch.push(item);
         }
-        let send = send.clone();
+        let (send, call_done) = (send.clone(), call_done.clone());
         tokio::spawn(async move {
             let (values, dones): (Vec<T>, Vec<_>) = batch
                 .into_iter()
@@ -200,6 +236,7 @@ async fn run<T: Send + 'static>(
                 let _ = done.send(outcome);
             }
             drop(permit);
+            call_done.notify_one();
         });
     }
     // Wait for the calls in flight.
@@ -221,8 +258,9 @@ mod tests {
         Arc::new(move |batch: Vec<u32>| {
             let calls = calls.clone();
             Box::pin(async move {
+                calls.lock().map(|mut c| c.push(batch.clone())).ok();
                 tokio::time::sleep(delay).await;
-                let outcomes = batch
+                batch
                     .iter()
                     .map(|v| {
                         if Some(*v) == fail {
@@ -231,9 +269,7 @@ mod tests {
                             Ok(())
                         }
                     })
-                    .collect();
-                calls.lock().map(|mut c| c.push(batch)).ok();
-                outcomes
+                    .collect()
             })
         })
     }
@@ -318,6 +354,52 @@ mod tests {
             calls.iter().all(|c| c.iter().all(|v| v % 3 == c[0] % 3)),
             "{calls:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn past_the_linger_a_partial_batch_waits_while_calls_crowd() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let limits = Limits {
+            max_calls: 4,
+            ..limits(Duration::from_millis(1))
+        };
+        let batcher = Arc::new(Batcher::start(
+            "test",
+            "publisher",
+            limits,
+            recording(calls.clone(), Duration::from_millis(300), None),
+        ));
+        let started = |n: usize| {
+            let calls = calls.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while calls.lock().unwrap().len() < n {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await
+                .expect("calls started");
+            }
+        };
+        let send = |v: u32| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.send(v, 1, None).await })
+        };
+        // Alone: at once. With one other call in flight: after the linger.
+        let mut sends = vec![send(0)];
+        started(1).await;
+        sends.push(send(1));
+        started(2).await;
+        // With two in flight, what comes later, one by one, waits and goes together.
+        for v in 2..5 {
+            sends.push(send(v));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for task in sends {
+            task.await.unwrap().unwrap();
+        }
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls, vec![vec![0], vec![1], vec![2, 3, 4]]);
     }
 
     #[tokio::test]

@@ -121,7 +121,8 @@ pub struct SqsConfig {
     #[serde(default = "yes")]
     pub batching: bool,
     /// With `batching`: how long a batch may wait to fill while other batch calls are in
-    /// flight (a lone publish goes out at once). Default 5 ms.
+    /// flight (a lone publish goes out at once; past the linger, a batch that is not full
+    /// waits on only while more than one other call is in flight). Default 5 ms.
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
     /// With `batching`: messages per batch call at most. Default and maximum 10.
@@ -163,7 +164,8 @@ pub struct SnsConfig {
     #[serde(default = "yes")]
     pub batching: bool,
     /// With `batching`: how long a batch may wait to fill while other batch calls are in
-    /// flight (a lone publish goes out at once). Default 5 ms.
+    /// flight (a lone publish goes out at once; past the linger, a batch that is not full
+    /// waits on only while more than one other call is in flight). Default 5 ms.
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
     /// With `batching`: messages per batch call at most. Default and maximum 10.
