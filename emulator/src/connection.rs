@@ -494,6 +494,19 @@ impl Conn {
     }
 
     fn refuse_attach(&mut self, channel: u16, a: &Attach, error: AmqpError) {
+        self.attach_and_detach(channel, a, Some(error), true);
+    }
+
+    /// Answer an attach with an attach that creates no link (null terminus on our
+    /// side) and a detach: a refusal (with an error), or the answer to the peer's
+    /// detach of a link it attached before the emulator replied.
+    fn attach_and_detach(
+        &mut self,
+        channel: u16,
+        a: &Attach,
+        error: Option<AmqpError>,
+        closed: bool,
+    ) {
         let we_send = a.role == Role::Receiver;
         let reply = Attach {
             name: a.name.clone(),
@@ -516,19 +529,28 @@ impl Conn {
             properties: None,
         };
         self.send(channel, Performative::Attach(reply));
+        // A refusal is the emulator's detach: the peer answers it with its own.
+        // An answer to the peer's detach (no error) needs none.
+        let answer_expected = error.is_some();
         self.send(
             channel,
             Performative::Detach(Detach {
                 handle: a.handle.clone(),
-                closed: true,
-                error: Some(error),
+                closed,
+                error,
             }),
         );
+        if answer_expected && let Some(s) = self.sessions.get_mut(&channel) {
+            s.detached_by_us.insert(a.handle.0);
+        }
     }
 
     fn on_attach(&mut self, channel: u16, a: Attach) -> Result<(), Failure> {
         let handle = a.handle.0;
-        if self.session(channel)?.links.contains_key(&handle) {
+        let s = self.session(channel)?;
+        // A peer that reuses a handle we detached first has finished with the old link.
+        s.detached_by_us.remove(&handle);
+        if s.links.contains_key(&handle) {
             return Err(fail(
                 "amqp:session:handle-in-use",
                 format!("handle {handle} is in use"),
@@ -894,6 +916,9 @@ impl Conn {
             self.pump_session(channel);
             return Ok(());
         };
+        if s.detached_by_us.contains(&h) {
+            return Ok(());
+        }
         let link = s.links.get_mut(&h).ok_or_else(|| {
             fail(
                 "amqp:session:unattached-handle",
@@ -1071,6 +1096,13 @@ impl Conn {
         s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
         s.received_since_flow += 1;
         let window_low = s.received_since_flow >= INCOMING_WINDOW / 2;
+        if s.detached_by_us.contains(&h) {
+            // Sent before the peer saw our detach: dropped, as the link is gone.
+            if window_low {
+                self.send_session_flow(channel)?;
+            }
+            return Ok(());
+        }
         let link = s.links.get_mut(&h).ok_or_else(|| {
             fail(
                 "amqp:session:unattached-handle",
@@ -1312,16 +1344,29 @@ impl Conn {
     fn on_detach(&mut self, channel: u16, d: Detach) -> Result<(), Failure> {
         let h = d.handle.0;
         let s = self.session(channel)?;
-        let link = s.links.remove(&h).ok_or_else(|| {
-            fail(
+        let Some(link) = s.links.remove(&h) else {
+            if s.detached_by_us.remove(&h) {
+                // The answer to the emulator's own detach (a refused attach).
+                return Ok(());
+            }
+            // The peer gave up on an attach still waiting for a session: answer
+            // with an attach and the detach that closes it.
+            let pending = self
+                .pending_attaches
+                .iter()
+                .position(|p| p.channel == channel && p.attach.handle.0 == h);
+            if let Some(i) = pending {
+                let p = self.pending_attaches.remove(i);
+                self.attach_and_detach(channel, &p.attach, None, d.closed);
+                return Ok(());
+            }
+            return Err(fail(
                 "amqp:session:unattached-handle",
                 format!("detach of unattached handle {h}"),
-            )
-        })?;
+            ));
+        };
         s.unsettled.retain(|_, u| u.handle != h);
         self.release_link(&link);
-        self.pending_attaches
-            .retain(|p| !(p.channel == channel && p.attach.handle.0 == h));
         self.send(
             channel,
             Performative::Detach(Detach {

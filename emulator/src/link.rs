@@ -44,7 +44,8 @@ pub struct Partial {
 pub struct Link {
     /// Link name.
     pub name: String,
-    /// The handle (same number on both sides).
+    /// The peer's handle; the emulator uses the same number as its own handle for
+    /// the link (its handles map one-to-one onto the peer's, so they are unique too).
     pub handle: u32,
     /// A process-unique id (owner of session locks).
     pub id: u64,

@@ -1,6 +1,6 @@
 //! Session endpoints: transfer windows, delivery ids and unsettled deliveries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::link::Link;
 
@@ -19,7 +19,8 @@ pub struct Unsettled {
 /// One begun session.
 #[derive(Debug, Default)]
 pub struct Session {
-    /// The channel (the same number on both sides).
+    /// The peer's channel; the emulator answers on the same number (its own
+    /// channels map one-to-one onto the peer's, so they are unique too).
     pub channel: u16,
     /// Next transfer id expected from the peer.
     pub next_incoming_id: u32,
@@ -33,6 +34,9 @@ pub struct Session {
     pub next_delivery_id: u32,
     /// Links by handle.
     pub links: HashMap<u32, Link>,
+    /// Handles the emulator detached first (refused attaches), until the peer's
+    /// answering detach: frames already in flight on them are ignored.
+    pub detached_by_us: HashSet<u32>,
     /// Our unsettled deliveries by delivery id.
     pub unsettled: HashMap<u32, Unsettled>,
     /// Delivery ids of client transfers to accept (coalesced into ranges).

@@ -429,3 +429,156 @@ async fn sasl_anonymous_then_amqp() {
     c.begin(0).await;
     h.shutdown().await;
 }
+
+fn attach(name: &str, handle: u32, role: Role, address: &str) -> Attach {
+    use fe2o3_amqp_types::messaging::Source;
+    let (source, target) = match role {
+        Role::Sender => (
+            Box::default(),
+            Box::new(TargetArchetype::Target(Target::from(address))),
+        ),
+        Role::Receiver => (
+            Box::new(Source::builder().address(address).build()),
+            Box::new(TargetArchetype::Target(Target::from("client"))),
+        ),
+    };
+    Attach {
+        name: name.into(),
+        handle: handle.into(),
+        role,
+        snd_settle_mode: Default::default(),
+        rcv_settle_mode: Default::default(),
+        source: Some(source),
+        target: Some(target),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count: Some(0),
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }
+}
+
+/// The next performative that is not a flow.
+async fn next_non_flow(c: &mut Raw) -> Option<Performative> {
+    loop {
+        match c.performative().await? {
+            Performative::Flow(_) => continue,
+            other => return Some(other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_attach_then_in_flight_frames_and_the_answering_detach() {
+    use fe2o3_amqp_types::performatives::Flow;
+    let h = emulator().await;
+    let mut c = Raw::connect(h.local_addr()).await;
+    c.open(None).await;
+    c.begin(0).await;
+    c.send(
+        0,
+        Performative::Attach(attach("missing", 0, Role::Receiver, "no-such-queue")),
+        &[],
+    )
+    .await;
+    assert!(matches!(
+        c.performative().await,
+        Some(Performative::Attach(_))
+    ));
+    match c.performative().await {
+        Some(Performative::Detach(d)) => {
+            assert!(d.closed);
+            assert_eq!(
+                d.error.map(|e| symbol(&e.condition)).as_deref(),
+                Some("amqp:not-found")
+            );
+        }
+        other => panic!("expected the refusing detach, got {other:?}"),
+    }
+    // A flow the client sent before it saw the refusal, then its answering detach.
+    let flow = Flow {
+        next_incoming_id: Some(1),
+        incoming_window: 100,
+        next_outgoing_id: 0,
+        outgoing_window: 100,
+        handle: Some(0.into()),
+        delivery_count: Some(0),
+        link_credit: Some(10),
+        available: None,
+        drain: false,
+        echo: false,
+        properties: None,
+    };
+    c.send(0, Performative::Flow(flow), &[]).await;
+    let detach = Detach {
+        handle: 0.into(),
+        closed: true,
+        error: None,
+    };
+    c.send(0, Performative::Detach(detach), &[]).await;
+    // Handle 0 is free again; the connection and session still work.
+    c.send(
+        0,
+        Performative::Attach(attach("sender", 0, Role::Sender, "q")),
+        &[],
+    )
+    .await;
+    match next_non_flow(&mut c).await {
+        Some(Performative::Attach(a)) => assert_eq!(a.handle.0, 0),
+        other => panic!("expected the attach reply, got {other:?}"),
+    }
+    // The credit for the new sender link.
+    assert!(matches!(
+        c.performative().await,
+        Some(Performative::Flow(_))
+    ));
+    c.begin(1).await;
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn detach_of_an_attach_still_waiting_for_a_session() {
+    let mut sess = QueueConfig::new("qs");
+    sess.properties.requires_session = true;
+    let h = common::start_ephemeral(Topology {
+        queues: vec![sess],
+        ..Default::default()
+    })
+    .await;
+    let mut c = Raw::connect(h.local_addr()).await;
+    c.open(None).await;
+    c.begin(0).await;
+    // Next available session (null session filter): nothing to lock, so it waits.
+    let mut a = attach("waiting", 3, Role::Receiver, "qs");
+    if let Some(source) = a.source.as_mut() {
+        let mut filter = fe2o3_amqp_types::messaging::FilterSet::new();
+        filter.insert(
+            serde_amqp::primitives::Symbol::from("com.microsoft:session-filter"),
+            serde_amqp::Value::Null,
+        );
+        source.filter = Some(filter);
+    }
+    c.send(0, Performative::Attach(a), &[]).await;
+    let detach = Detach {
+        handle: 3.into(),
+        closed: true,
+        error: None,
+    };
+    c.send(0, Performative::Detach(detach), &[]).await;
+    assert!(matches!(
+        c.performative().await,
+        Some(Performative::Attach(_))
+    ));
+    match c.performative().await {
+        Some(Performative::Detach(d)) => {
+            assert_eq!(d.handle.0, 3);
+            assert!(d.closed);
+            assert!(d.error.is_none());
+        }
+        other => panic!("expected the answering detach, got {other:?}"),
+    }
+    c.begin(1).await;
+    h.shutdown().await;
+}

@@ -1,6 +1,12 @@
 //! Interop with the Rust crate `azservicebus` (which this project did not
 //! write). The crate always dials port 5672, so each test's emulator listens
 //! on a loopback address of its own (127.x.y.z:5672).
+//!
+//! Clients run on the tests' current-thread runtimes: fe2o3-amqp 0.14 registers a sent
+//! delivery as unsettled only after handing its transfer to the session task, so on a
+//! multi-threaded runtime a fast broker's disposition can be lost (the send then times out,
+//! azservicebus recovers by dropping its management link, and the session ends with
+//! "unattached handle" / "Session is not found"). That is a client bug, not the emulator's.
 
 mod common;
 
@@ -604,6 +610,320 @@ async fn rule_manager_adds_and_removes_rules() {
         let got: Vec<String> = receive_n(&mut r, 2).await.iter().map(body).collect();
         assert_eq!(got, ["green", "big"]);
         receive_none(&mut r).await;
+        h
+    })
+    .await;
+}
+
+/// The standard topology plus `n` plain queues `m0`, `m1`, … for tests with many links.
+fn topology_with_queues(n: usize) -> servicebus_emulator::Topology {
+    let mut t = common::topology();
+    for i in 0..n {
+        t.queues
+            .push(servicebus_emulator::QueueConfig::new(format!("m{i}")));
+    }
+    t
+}
+
+/// Runs `f` against an emulator with `topology` on a multi-threaded runtime of its own
+/// (as a separate process would), so that its replies race the client's tasks; the client
+/// stays on the test's current-thread runtime (see the module notes).
+async fn with_topology_apart<F, Fut>(topology: servicebus_emulator::Topology, f: F)
+where
+    F: FnOnce(EmulatorHandle) -> Fut,
+    Fut: std::future::Future<Output = EmulatorHandle>,
+{
+    let (rt, h) = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let h = rt.block_on(common::start_on_5672(topology));
+        (rt, h)
+    })
+    .join()
+    .expect("emulator thread");
+    let h = tokio::time::timeout(Duration::from_secs(240), Box::pin(f(h)))
+        .await
+        .expect("test finished in time");
+    std::thread::spawn(move || rt.block_on(h.shutdown()))
+        .join()
+        .expect("emulator shutdown");
+}
+
+/// Wait (up to 5 s) until `entity` holds `n` messages: settlements travel asynchronously.
+async fn wait_count(h: &EmulatorHandle, entity: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.message_count(entity) != Some(n) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.message_count(entity), Some(n), "messages in {entity}");
+}
+
+/// Send `n` messages tagged `tag` and receive/complete them on the same link pair;
+/// returns the bodies of other messages received (and completed) meanwhile.
+async fn round_trip(
+    s: &mut ServiceBusSender,
+    r: &mut ServiceBusReceiver,
+    tag: &str,
+    n: usize,
+) -> Vec<String> {
+    for i in 0..n {
+        s.send_message(ServiceBusMessage::new(format!("{tag}-{i}")))
+            .await
+            .expect("send");
+    }
+    let prefix = format!("{tag}-");
+    let (mut got, mut others) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.len() < n && tokio::time::Instant::now() < deadline {
+        for m in r
+            .receive_messages_with_max_wait_time(
+                (n - got.len()) as u32,
+                Some(Duration::from_secs(1)),
+            )
+            .await
+            .expect("receive")
+        {
+            r.complete_message(&m).await.expect("complete");
+            let b = body(&m);
+            if b.starts_with(&prefix) {
+                got.push(b);
+            } else {
+                others.push(b);
+            }
+        }
+    }
+    let want: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+    assert_eq!(got, want, "round trip {tag}");
+    others
+}
+
+#[tokio::test]
+async fn many_senders_and_receivers_on_one_client() {
+    with_topology_apart(topology_with_queues(3), |h| async move {
+        let mut c = client(&h).await;
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for i in 0..3 {
+            senders.push(sender(&mut c, &format!("m{i}")).await);
+            receivers.push(peek_lock(&mut c, &format!("m{i}")).await);
+        }
+        // A second sender to an entity that already has one.
+        let mut extra = sender(&mut c, "m0").await;
+        // Sequentially, link by link.
+        for (i, (s, r)) in senders.iter_mut().zip(receivers.iter_mut()).enumerate() {
+            assert!(round_trip(s, r, &format!("seq{i}"), 5).await.is_empty());
+        }
+        extra
+            .send_message(ServiceBusMessage::new("extra"))
+            .await
+            .expect("send on the extra sender");
+        let m = receive_n(&mut receivers[0], 1).await.remove(0);
+        assert_eq!(body(&m), "extra");
+        receivers[0].complete_message(&m).await.expect("complete");
+        // Concurrently on all links of the one session.
+        let others = {
+            let mut it = senders.iter_mut().zip(receivers.iter_mut());
+            let (s0, r0) = it.next().expect("0");
+            let (s1, r1) = it.next().expect("1");
+            let (s2, r2) = it.next().expect("2");
+            let (others, ..) = tokio::join!(
+                Box::pin(round_trip(s0, r0, "par0", 20)),
+                Box::pin(round_trip(s1, r1, "par1", 20)),
+                Box::pin(round_trip(s2, r2, "par2", 20)),
+                Box::pin(async {
+                    for i in 0..20 {
+                        extra
+                            .send_message(ServiceBusMessage::new(format!("x{i}")))
+                            .await
+                            .expect("send extra");
+                    }
+                }),
+            );
+            others
+        };
+        let mut extras = others;
+        if extras.len() < 20 {
+            for m in receive_n(&mut receivers[0], 20 - extras.len()).await {
+                receivers[0].complete_message(&m).await.expect("complete");
+                extras.push(body(&m));
+            }
+        }
+        let want: Vec<String> = (0..20).map(|i| format!("x{i}")).collect();
+        assert_eq!(extras, want);
+        for i in 0..3 {
+            wait_count(&h, &format!("m{i}"), 0).await;
+        }
+        // Close some links while others stay open and keep working.
+        extra.dispose().await.expect("dispose extra sender");
+        let r2 = receivers.pop().expect("r2");
+        r2.dispose().await.expect("dispose receiver 2");
+        assert!(
+            round_trip(&mut senders[0], &mut receivers[0], "after", 3)
+                .await
+                .is_empty()
+        );
+        // A new sender after others were closed (handles get reused).
+        let mut again = sender(&mut c, "m2").await;
+        again
+            .send_message(ServiceBusMessage::new("again"))
+            .await
+            .expect("send again");
+        for r in receivers {
+            r.dispose().await.expect("dispose receiver");
+        }
+        for s in senders {
+            s.dispose().await.expect("dispose sender");
+        }
+        again.dispose().await.expect("dispose sender again");
+        c.dispose().await.expect("dispose client");
+        wait_count(&h, "m2", 1).await;
+        h
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dispose_client_with_links_still_open() {
+    with_topology_apart(topology_with_queues(2), |h| async move {
+        let mut c = client(&h).await;
+        let mut s0 = sender(&mut c, "m0").await;
+        let mut s1 = sender(&mut c, "m1").await;
+        let mut r0 = peek_lock(&mut c, "m0").await;
+        s0.send_message(ServiceBusMessage::new("a"))
+            .await
+            .expect("send");
+        s1.send_message(ServiceBusMessage::new("b"))
+            .await
+            .expect("send");
+        let m = receive_n(&mut r0, 1).await.remove(0);
+        r0.complete_message(&m).await.expect("complete");
+        // Batches in flight on the session just before it ends.
+        for i in 0..20 {
+            let mut batch = s1.create_message_batch(Default::default()).expect("batch");
+            for j in 0..10 {
+                batch
+                    .try_add_message(ServiceBusMessage::new(format!("{i}-{j}")))
+                    .expect("fits");
+            }
+            s1.send_message_batch(batch).await.expect("send batch");
+        }
+        c.dispose().await.expect("dispose client with links open");
+        drop((s0, s1, r0));
+        wait_count(&h, "m0", 0).await;
+        wait_count(&h, "m1", 201).await;
+        // The emulator still serves new clients.
+        let mut c = client(&h).await;
+        let mut s = sender(&mut c, "m1").await;
+        s.send_message(ServiceBusMessage::new("c"))
+            .await
+            .expect("send");
+        s.dispose().await.expect("dispose sender");
+        c.dispose().await.expect("dispose client");
+        wait_count(&h, "m1", 202).await;
+        h
+    })
+    .await;
+}
+
+/// The benchmark's pattern on one client: many spawned tasks, each with its own sender
+/// (then receiver) on the same queue, all links on the client's one AMQP session.
+#[tokio::test]
+async fn many_spawned_links_on_one_client_same_queue() {
+    with_topology_apart(topology_with_queues(1), |h| async move {
+        const TASKS: usize = 16;
+        const PER_TASK: usize = 50;
+        let mut c = client(&h).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..TASKS {
+            let mut s = sender(&mut c, "m0").await;
+            tasks.spawn(async move {
+                for i in 0..PER_TASK {
+                    if i % 10 == 0 {
+                        let mut batch = s.create_message_batch(Default::default()).expect("batch");
+                        for j in 0..10 {
+                            batch
+                                .try_add_message(ServiceBusMessage::new(format!("b{t}-{i}-{j}")))
+                                .expect("fits");
+                        }
+                        s.send_message_batch(batch).await.expect("send batch");
+                    } else {
+                        s.send_message(ServiceBusMessage::new(format!("s{t}-{i}")))
+                            .await
+                            .expect("send");
+                    }
+                }
+                s.dispose().await.expect("dispose sender");
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.expect("sender task");
+        }
+        let total = TASKS * (PER_TASK / 10 * 10 + PER_TASK - PER_TASK / 10);
+        wait_count(&h, "m0", total).await;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..8 {
+            let mut r = peek_lock(&mut c, "m0").await;
+            let done = done.clone();
+            tasks.spawn(async move {
+                let deadline = tokio::time::Instant::now() + WAIT;
+                while done.load(std::sync::atomic::Ordering::Relaxed) < total
+                    && tokio::time::Instant::now() < deadline
+                {
+                    let msgs = r
+                        .receive_messages_with_max_wait_time(10, Some(Duration::from_secs(1)))
+                        .await
+                        .expect("receive");
+                    for m in &msgs {
+                        r.complete_message(m).await.expect("complete");
+                    }
+                    done.fetch_add(msgs.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                r.dispose().await.expect("dispose receiver");
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            joined.expect("receiver task");
+        }
+        assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), total);
+        wait_count(&h, "m0", 0).await;
+        c.dispose().await.expect("dispose client");
+        h
+    })
+    .await;
+}
+
+/// Refused links (a missing entity) leave the client's other links and session working.
+#[tokio::test]
+async fn refused_links_leave_the_session_working() {
+    with_topology_apart(topology_with_queues(1), |h| async move {
+        let mut c = client(&h).await;
+        let mut s = sender(&mut c, "m0").await;
+        let mut r = peek_lock(&mut c, "m0").await;
+        for _ in 0..2 {
+            assert!(
+                c.create_sender("no-such-queue", ServiceBusSenderOptions::default())
+                    .await
+                    .is_err()
+            );
+            assert!(
+                c.create_receiver_for_queue("no-such-queue", ServiceBusReceiverOptions::default())
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(round_trip(&mut s, &mut r, "still", 3).await.is_empty());
+        let mut s2 = sender(&mut c, "m0").await;
+        s2.send_message(ServiceBusMessage::new("late"))
+            .await
+            .expect("send");
+        assert_eq!(body(&receive_n(&mut r, 1).await[0]), "late");
+        r.dispose().await.expect("dispose receiver");
+        s2.dispose().await.expect("dispose sender");
+        s.dispose().await.expect("dispose sender");
+        c.dispose().await.expect("dispose client");
         h
     })
     .await;
