@@ -250,11 +250,7 @@ mod tests {
 
     use super::*;
 
-    fn recording(
-        calls: Arc<Mutex<Vec<Vec<u32>>>>,
-        delay: Duration,
-        fail: Option<u32>,
-    ) -> SendBatch<u32> {
+    fn recording(calls: Calls, delay: Duration, fail: Option<u32>) -> SendBatch<u32> {
         Arc::new(move |batch: Vec<u32>| {
             let calls = calls.clone();
             Box::pin(async move {
@@ -289,6 +285,17 @@ mod tests {
         futures::future::join_all(sends).await
     }
 
+    /// The batches sent, in the order their calls started.
+    type Calls = Arc<Mutex<Vec<Vec<u32>>>>;
+
+    /// A batcher whose calls take `delay`, fail for the value `fail`, and are recorded.
+    fn started(limits: Limits, delay: Duration, fail: Option<u32>) -> (Arc<Batcher<u32>>, Calls) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let send = recording(calls.clone(), delay, fail);
+        let batcher = Arc::new(Batcher::start("test", "publisher", limits, send));
+        (batcher, calls)
+    }
+
     fn limits(linger: Duration) -> Limits {
         Limits {
             max_items: 10,
@@ -300,13 +307,11 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_sends_are_coalesced_and_each_gets_its_outcome() {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            "publisher",
+        let (batcher, calls) = started(
             limits(Duration::from_millis(20)),
-            recording(calls.clone(), Duration::from_millis(20), Some(7)),
-        ));
+            Duration::from_millis(20),
+            Some(7),
+        );
         for (v, outcome) in send_all(&batcher, 40, 10, |_| None)
             .await
             .iter()
@@ -324,13 +329,11 @@ mod tests {
 
     #[tokio::test]
     async fn byte_limit_splits_batches() {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            "publisher",
+        let (batcher, calls) = started(
             limits(Duration::from_millis(20)),
-            recording(calls.clone(), Duration::from_millis(5), None),
-        ));
+            Duration::from_millis(5),
+            None,
+        );
         let outcomes = send_all(&batcher, 6, 400, |_| None).await;
         assert!(outcomes.iter().all(Result::is_ok));
         let calls = calls.lock().unwrap().clone();
@@ -339,13 +342,11 @@ mod tests {
 
     #[tokio::test]
     async fn groups_never_share_a_batch() {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            "publisher",
+        let (batcher, calls) = started(
             limits(Duration::from_millis(20)),
-            recording(calls.clone(), Duration::from_millis(5), None),
-        ));
+            Duration::from_millis(5),
+            None,
+        );
         let outcomes = send_all(&batcher, 30, 1, |v| Some((v % 3).to_string())).await;
         assert!(outcomes.iter().all(Result::is_ok));
         let calls = calls.lock().unwrap().clone();
@@ -358,18 +359,12 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_linger_a_partial_batch_waits_while_calls_crowd() {
-        let calls = Arc::new(Mutex::new(Vec::new()));
         let limits = Limits {
             max_calls: 4,
             ..limits(Duration::from_millis(1))
         };
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            "publisher",
-            limits,
-            recording(calls.clone(), Duration::from_millis(300), None),
-        ));
-        let started = |n: usize| {
+        let (batcher, calls) = started(limits, Duration::from_millis(300), None);
+        let calls_started = |n: usize| {
             let calls = calls.clone();
             async move {
                 tokio::time::timeout(Duration::from_secs(10), async {
@@ -387,9 +382,9 @@ mod tests {
         };
         // Alone: at once. With one other call in flight: after the linger.
         let mut sends = vec![send(0)];
-        started(1).await;
+        calls_started(1).await;
         sends.push(send(1));
-        started(2).await;
+        calls_started(2).await;
         // With two in flight, what comes later, one by one, waits and goes together.
         for v in 2..5 {
             sends.push(send(v));
@@ -404,13 +399,11 @@ mod tests {
 
     #[tokio::test]
     async fn close_sends_what_is_queued_and_then_refuses() {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let batcher = Arc::new(Batcher::start(
-            "test",
-            "publisher",
+        let (batcher, calls) = started(
             limits(Duration::from_secs(60)),
-            recording(calls.clone(), Duration::from_millis(50), None),
-        ));
+            Duration::from_millis(50),
+            None,
+        );
         let pending: Vec<_> = (0..25u32)
             .map(|v| {
                 let batcher = batcher.clone();
