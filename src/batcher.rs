@@ -225,14 +225,9 @@ async fn run<T: Send + 'static>(
                 .unzip();
             let mut outcomes = send(values).await.into_iter();
             for done in dones {
-                let outcome = outcomes.next().unwrap_or_else(|| {
-                    Err(Error::transport(
-                        transport,
-                        "the batch call reported nothing for this message; it may or may not have been sent",
-                        true,
-                        None,
-                    ))
-                });
+                let outcome = outcomes
+                    .next()
+                    .unwrap_or_else(|| Err(Error::unreported(transport)));
                 let _ = done.send(outcome);
             }
             drop(permit);

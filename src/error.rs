@@ -155,6 +155,17 @@ impl Error {
         Error::Closed { transport, what }
     }
 
+    /// The transient error of an item a batch call did not report on: it may or may not
+    /// have been sent (or settled), so a retry is safe only for at-least-once delivery.
+    pub(crate) fn unreported(transport: &'static str) -> Self {
+        Error::transport(
+            transport,
+            "the batch call reported nothing for this message; it may or may not have been sent",
+            true,
+            None,
+        )
+    }
+
     /// A transport error with an optional source.
     pub fn transport(
         transport: &'static str,

@@ -219,16 +219,7 @@ fn outcomes_by_position(
     }
     outcomes
         .into_iter()
-        .map(|outcome| {
-            outcome.unwrap_or_else(|| {
-                Err(Error::transport(
-                    transport,
-                    "the batch call reported nothing for this message; it may or may not have been sent",
-                    true,
-                    None,
-                ))
-            })
-        })
+        .map(|outcome| outcome.unwrap_or_else(|| Err(Error::unreported(transport))))
         .collect()
 }
 
@@ -274,7 +265,7 @@ where
     }
     outcomes
         .into_iter()
-        .map(|outcome| outcome.unwrap_or_else(|| Err(Error::closed(target.transport, "publisher"))))
+        .map(|outcome| outcome.unwrap_or_else(|| Err(Error::unreported(target.transport))))
         .collect()
 }
 
@@ -316,4 +307,45 @@ where
         Box::pin(async move { outcomes_by_position(transport, len, call.await) })
     });
     Ok(Some(Batcher::start(transport, "publisher", limits, send)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_position_gets_an_outcome_and_unreported_ones_are_transient() {
+        let refused = Error::transport(TRANSPORT_FOR_TESTS, "refused", false, None);
+        let entries = EntryOutcomes {
+            // Position 3 is missing; "7" and "x" name no position of a 4-entry batch.
+            succeeded: vec!["0".into(), "7".into(), "x".into()],
+            failed: vec![("2".into(), refused)],
+        };
+        let outcomes = outcomes_by_position(TRANSPORT_FOR_TESTS, 4, Ok(entries));
+        assert_eq!(outcomes.len(), 4);
+        assert!(outcomes[0].is_ok());
+        for i in [1, 3] {
+            let error = outcomes[i]
+                .as_ref()
+                .expect_err("no report means no success");
+            assert!(error.is_transient(), "{i}: {error}");
+            assert!(error.to_string().contains("may or may not"), "{error}");
+        }
+        let error = outcomes[2].as_ref().expect_err("reported as failed");
+        assert!(!error.is_transient() && error.to_string().contains("refused"));
+    }
+
+    #[test]
+    fn a_failed_call_fails_every_position() {
+        let down = Error::transport(TRANSPORT_FOR_TESTS, "down", true, None);
+        let outcomes = outcomes_by_position(TRANSPORT_FOR_TESTS, 3, Err(down));
+        assert_eq!(outcomes.len(), 3);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Err(e) if e.to_string().contains("down")))
+        );
+    }
+
+    const TRANSPORT_FOR_TESTS: &str = "sqs";
 }
