@@ -266,16 +266,54 @@ pub async fn prepare(job: &Job) -> Result<()> {
     Ok(())
 }
 
+/// The parent's untimed clean-up after a scenario: deletes the queues and the topic it
+/// made (their names start with the job's entity), so LocalStack does not keep every
+/// round's messages in memory and slow down the scenarios after it.
+pub async fn clean_up(job: &Job) -> Result<()> {
+    let aws = Aws::connect().await;
+    let queues = aws
+        .sqs
+        .list_queues()
+        .queue_name_prefix(&job.entity)
+        .send()
+        .await
+        .map_err(sdk("SQS ListQueues"))?;
+    for url in queues.queue_urls() {
+        aws.sqs
+            .delete_queue()
+            .queue_url(url)
+            .send()
+            .await
+            .map_err(sdk("SQS DeleteQueue"))?;
+    }
+    if job.transport == Transport::Sns {
+        let topic_arn = aws.topic_arn(&job.entity).await?;
+        aws.sns
+            .delete_topic()
+            .topic_arn(topic_arn)
+            .send()
+            .await
+            .map_err(sdk("SNS DeleteTopic"))?;
+    }
+    Ok(())
+}
+
 /// The raw-SDK and omniqueue scenarios of SQS and SNS.
 pub async fn run(job: &Job) -> Result<Report> {
     let aws = Aws::connect().await;
     let n = job.messages;
     let elapsed = match (job.transport, job.scenario) {
-        (Transport::Sqs, "raw-single" | "raw-batch" | "raw-batch-envelope") => {
+        (
+            Transport::Sqs,
+            "raw-single" | "raw-batch" | "raw-batch-envelope" | "raw-batch-envelope-serial",
+        ) => {
             let batch = job.scenario != "raw-single";
-            let envelope = job.scenario == "raw-batch-envelope";
+            let envelope = job.scenario.starts_with("raw-batch-envelope");
             let url = aws.create_queue(&job.entity).await?;
-            let sinks = aws.sqs_sinks(&url, batch, envelope);
+            let mut sinks = aws.sqs_sinks(&url, batch, envelope);
+            if job.scenario == "raw-batch-envelope-serial" {
+                sinks.truncate(1);
+            }
             harness::publish(sinks, n, if batch { BATCH } else { 1 }).await?
         }
         (Transport::Sns, "raw-single" | "raw-batch") => {

@@ -356,6 +356,9 @@ async fn run_job(job: &Job, connection_string: Option<&str>) -> Result<Report> {
             )
         })?;
     let report: Report = serde_json::from_str(line).context("reading the scenario's report")?;
+    if matches!(job.transport, Transport::Sqs | Transport::Sns) {
+        aws::clean_up(job).await.context("clean-up")?;
+    }
     match report.error {
         Some(error) => Err(anyhow!(error)),
         None => Ok(report),

@@ -47,6 +47,7 @@ impl Transport {
                 "raw-single",
                 "raw-batch",
                 "raw-batch-envelope",
+                "raw-batch-envelope-serial",
                 "cloudbus-publish",
                 "cloudbus-publish-batch",
                 "omniqueue",

@@ -54,7 +54,12 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 /// The baselines a scenario's throughput is compared with (same transport).
 fn baselines(scenario: &str) -> &'static [&'static str] {
     match scenario {
-        "cloudbus-publish" => &["raw-batch", "raw-batch-envelope", "raw-single"],
+        "cloudbus-publish" => &[
+            "raw-batch",
+            "raw-batch-envelope",
+            "raw-batch-envelope-serial",
+            "raw-single",
+        ],
         "omniqueue" => &["raw-batch", "raw-single"],
         "cloudbus-publish-batch" => &["raw-batch", "raw-batch-envelope"],
         "cloudbus-consume" | "omniqueue-consume" | "cloudbus-drain-100k" => &["raw-consume"],
@@ -182,7 +187,9 @@ loses settlements on a multi-threaded one); \
 memory: a bounded `tokio::sync::mpsc` channel of the bodies (raw-batch: of 10-body vectors). \
 Single-message runs on cloud transports send N/4. **raw-batch-envelope** (SQS): raw-batch with one \
 string attribute per message the size of cloudbus's envelope (`cloudbus` = `{\"id\":\"<uuid>\"}`), so the \
-broker does the same work per message as for cloudbus: the ratio to it isolates the batching.
+broker does the same work per message as for cloudbus: the ratio to it isolates the batching. \
+**raw-batch-envelope-serial** (SQS): the same from one task, one call at a time: the calls 16 \
+`publish()` callers allow, since 16 waiting messages fill one batch of 10 and the rest waits for the next.
 - **cloudbus-publish**: `Publisher::publish()` of one message per call from 16 tasks; \
 **cloudbus-publish-batch**: `publish_batch()` of 10.
 - **omniqueue**: omniqueue `SqsProducer::send_raw`, 16 tasks, one message per call (N/4).
