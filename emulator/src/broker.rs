@@ -630,23 +630,7 @@ impl Broker {
         msg.lock = None;
         if until <= now {
             // Lock expired before the sweep ran: treat like expiry.
-            msg.delivery_count += 1;
-            let max = store.props.max_delivery_count;
-            if msg.delivery_count >= max && store.dlq.is_some() {
-                dead_letter(
-                    st,
-                    &key,
-                    seq,
-                    Some("MaxDeliveryCountExceeded".into()),
-                    Some(format!(
-                        "Message could not be consumed after {max} delivery attempts."
-                    )),
-                    now,
-                );
-            } else if msg.state == MsgState::Active {
-                store.ready.insert(seq);
-                store.wake();
-            }
+            count_unsettled_delivery(st, &key, seq, now);
             return Err(lock_lost());
         }
         match how {
@@ -661,23 +645,7 @@ impl Broker {
             }
             Settlement::Abandon(ann) => {
                 apply_annotations(&mut msg.m, ann);
-                msg.delivery_count += 1;
-                let max = store.props.max_delivery_count;
-                if msg.delivery_count >= max && store.dlq.is_some() {
-                    dead_letter(
-                        st,
-                        &key,
-                        seq,
-                        Some("MaxDeliveryCountExceeded".into()),
-                        Some(format!(
-                            "Message could not be consumed after {max} delivery attempts."
-                        )),
-                        now,
-                    );
-                } else if msg.state == MsgState::Active {
-                    store.ready.insert(seq);
-                    store.wake();
-                }
+                count_unsettled_delivery(st, &key, seq, now);
             }
             Settlement::Defer(ann) => {
                 apply_annotations(&mut msg.m, ann);
@@ -975,16 +943,7 @@ impl Broker {
             }
             let max = store.props.max_delivery_count;
             for seq in to_dlq {
-                dead_letter(
-                    st,
-                    &key,
-                    seq,
-                    Some("MaxDeliveryCountExceeded".into()),
-                    Some(format!(
-                        "Message could not be consumed after {max} delivery attempts."
-                    )),
-                    now,
-                );
+                dead_letter_after_max_deliveries(st, &key, seq, max, now);
             }
             for seq in expired {
                 let locked = st
@@ -1128,6 +1087,40 @@ fn expire_message(st: &mut State, key: &str, seq: i64, now: i64) {
         store.ready.remove(&seq);
         store.messages.remove(&seq);
     }
+}
+
+/// Counts a delivery that ended unsettled (abandoned, or its lock lost): at the entity's
+/// max delivery count the message is dead-lettered (when the entity has a dead-letter
+/// queue), otherwise an active message is ready again.
+fn count_unsettled_delivery(st: &mut State, key: &str, seq: i64, now: i64) {
+    let Some(store) = st.stores.get_mut(key) else {
+        return;
+    };
+    let Some(msg) = store.messages.get_mut(&seq) else {
+        return;
+    };
+    msg.delivery_count += 1;
+    let max = store.props.max_delivery_count;
+    if msg.delivery_count >= max && store.dlq.is_some() {
+        dead_letter_after_max_deliveries(st, key, seq, max, now);
+    } else if msg.state == MsgState::Active {
+        store.ready.insert(seq);
+        store.wake();
+    }
+}
+
+/// Dead-letters a message delivered `max` times, with Service Bus's reason and text.
+fn dead_letter_after_max_deliveries(st: &mut State, key: &str, seq: i64, max: u32, now: i64) {
+    dead_letter(
+        st,
+        key,
+        seq,
+        Some("MaxDeliveryCountExceeded".into()),
+        Some(format!(
+            "Message could not be consumed after {max} delivery attempts."
+        )),
+        now,
+    );
 }
 
 fn dead_letter(
