@@ -255,6 +255,12 @@ pub struct ServiceBusConfig {
     /// limited to `max_message_size` bytes).
     #[serde(default = "default_servicebus_batch_size")]
     pub batch_size: usize,
+    /// Receivers a subscriber opens, each a link on a connection of its own: a receiver
+    /// serves one receive or settlement at a time, so more receivers let a
+    /// [`Consumer`](crate::Consumer) keep several receives and settlements going at once.
+    /// Default 1; at most 32; with `session` (one pinned session), 1.
+    #[serde(default = "one")]
+    pub receivers: usize,
 }
 
 /// A secret string (a connection string or key). Its `Debug` and `Display` never show it.
@@ -678,6 +684,7 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
             .take_parsed("max_message_size", default_servicebus_max_message_size())?,
         batching: url.take_bool("batching", true)?,
         batch_size: url.take_parsed("batch_size", default_servicebus_batch_size())?,
+        receivers: url.take_parsed("receivers", one())?,
     };
     url.finish(&[
         "subscription",
@@ -691,6 +698,7 @@ fn servicebus_from_url(mut url: ParsedUrl) -> Result<ServiceBusConfig> {
         "client_id",
         "batching",
         "batch_size",
+        "receivers",
     ])?;
     Ok(config)
 }
@@ -754,6 +762,10 @@ fn default_linger() -> Duration {
 
 fn default_aws_batch_size() -> usize {
     10
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_servicebus_batch_size() -> usize {
@@ -894,6 +906,28 @@ mod tests {
         assert_eq!(s.namespace, None);
         assert_eq!(s.credential, Credential::ManagedIdentity);
         assert!(Config::from_url("sqs://").is_err());
+    }
+
+    #[test]
+    fn servicebus_receivers_option() {
+        let receivers = |url: &str| match Config::from_url(url).unwrap() {
+            Config::ServiceBus(s) => s.receivers,
+            _ => panic!(),
+        };
+        assert_eq!(receivers("servicebus://orders"), 1);
+        assert_eq!(receivers("servicebus://orders?receivers=4"), 4);
+        let from_json: Config = serde_json::from_value(serde_json::json!({
+            "transport": "servicebus", "entity": "orders", "receivers": 2
+        }))
+        .unwrap();
+        let Config::ServiceBus(s) = from_json else {
+            panic!()
+        };
+        assert_eq!(s.receivers, 2);
+        let text = Config::from_url("servicebus://orders?receivers=many")
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("receivers"), "{text}");
     }
 
     #[test]

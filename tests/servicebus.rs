@@ -1,5 +1,6 @@
 //! The conformance suite on Azure Service Bus, against the project's emulator: a queue, a
-//! topic with two subscriptions, and a session-enabled queue (ordering keys). Each test
+//! topic with two subscriptions, a session-enabled queue (ordering keys), and a queue read
+//! through several receivers (`receivers=3`). Each test
 //! starts its own emulator on a loopback address of its own, port 5672 (the azservicebus
 //! client always dials 5672).
 
@@ -21,6 +22,8 @@ enum Kind {
     Queue,
     Topic,
     Sessions,
+    /// A queue whose subscribers open three receivers.
+    Receivers,
 }
 
 struct ServiceBusHarness {
@@ -88,10 +91,11 @@ impl Harness for ServiceBusHarness {
         };
         let base = ServiceBusConfig {
             sessions: self.kind == Kind::Sessions,
+            receivers: if self.kind == Kind::Receivers { 3 } else { 1 },
             ..config(&connection_string, &name)
         };
         let subscribers: Vec<ServiceBusConfig> = match self.kind {
-            Kind::Queue | Kind::Sessions => {
+            Kind::Queue | Kind::Sessions | Kind::Receivers => {
                 self.with_emulator(|e| {
                     e.create_queue(QueueConfig {
                         name: name.clone(),
@@ -172,12 +176,21 @@ mod sessions {
     cloudbus::conformance_tests!(super::ServiceBusHarness::new(super::Kind::Sessions));
 }
 
+/// A queue read through three receivers, each on a connection of its own.
+mod receivers {
+    cloudbus::conformance_tests!(super::ServiceBusHarness::new(super::Kind::Receivers));
+}
+
 mod consumer_queue {
     cloudbus::consumer_tests!(super::ServiceBusHarness::new(super::Kind::Queue));
 }
 
 mod consumer_topic {
     cloudbus::consumer_tests!(super::ServiceBusHarness::new(super::Kind::Topic));
+}
+
+mod consumer_receivers {
+    cloudbus::consumer_tests!(super::ServiceBusHarness::new(super::Kind::Receivers));
 }
 
 /// 10,000 messages through one cloudbus subscriber: none lost, none left behind.

@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use std::panic::AssertUnwindSafe;
@@ -825,38 +825,105 @@ enum Settlement {
     Extend(Duration),
 }
 
-/// Receives from a Service Bus queue, subscription or dead-letter queue.
+/// Receives from a Service Bus queue, subscription or dead-letter queue, through
+/// `receivers` receivers (each a link on a connection and client thread of its own).
 pub struct ServiceBusSubscriber {
-    commands: mpsc::Sender<Command>,
+    receivers: Vec<ReceiverHandle>,
     closed: AtomicBool,
 }
+
+/// One receiver's task, which settles what it received.
+struct ReceiverHandle {
+    commands: mpsc::Sender<Command>,
+    /// Receive calls given to this receiver and not answered yet.
+    receiving: AtomicUsize,
+}
+
+/// Most receivers per subscriber: each is a connection and a thread.
+pub const MAX_RECEIVERS: usize = 32;
 
 impl ServiceBusSubscriber {
     /// Connects to the queue, subscription or dead-letter queue `config` names.
     pub async fn connect(config: &ServiceBusConfig) -> Result<Self> {
-        let (commands, incoming) = mpsc::channel(256);
-        let weak = commands.downgrade();
-        let config = config.clone();
-        on_client_thread(move || async move {
-            let (client, receivers) = open_receivers(&config).await?;
-            let task = ReceiverTask {
-                path: entity_path(&config),
-                sessions: config.sessions,
-                config,
-                client,
-                receivers,
-                in_flight: HashMap::new(),
-                commands: weak,
-                backlog: VecDeque::new(),
-                last_receive: Instant::now(),
-            };
-            Ok(task.run(incoming))
-        })
-        .await?;
-        Ok(ServiceBusSubscriber {
-            commands,
+        if config.receivers == 0 || config.receivers > MAX_RECEIVERS {
+            return Err(Error::config(format!(
+                "`receivers={}`: a subscriber opens 1 to {MAX_RECEIVERS} receivers (each a \
+                 connection of its own); use 1 unless one receiver cannot keep up",
+                config.receivers
+            )));
+        }
+        if config.receivers > 1 && config.session.is_some() && !config.dead_letter {
+            return Err(Error::config(format!(
+                "`receivers={}` with `session`: only one receiver at a time can hold a \
+                 session's lock; use receivers=1, or leave `session` out to take sessions \
+                 as they come",
+                config.receivers
+            )));
+        }
+        let opened =
+            futures::future::join_all((0..config.receivers).map(|_| open_receiver(config))).await;
+        let mut receivers = Vec::with_capacity(opened.len());
+        let mut failure = None;
+        for outcome in opened {
+            match outcome {
+                Ok(commands) => receivers.push(ReceiverHandle {
+                    commands,
+                    receiving: AtomicUsize::new(0),
+                }),
+                Err(error) => failure = failure.or(Some(error)),
+            }
+        }
+        let subscriber = ServiceBusSubscriber {
+            receivers,
             closed: AtomicBool::new(false),
-        })
+        };
+        match failure {
+            None => Ok(subscriber),
+            Some(error) => {
+                subscriber.close().await?;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Starts one receiver's task on a client thread of its own; its command channel.
+async fn open_receiver(config: &ServiceBusConfig) -> Result<mpsc::Sender<Command>> {
+    let (commands, incoming) = mpsc::channel(256);
+    let weak = commands.downgrade();
+    let config = config.clone();
+    on_client_thread(move || async move {
+        let (client, receivers) = open_receivers(&config).await?;
+        let task = ReceiverTask {
+            path: entity_path(&config),
+            sessions: config.sessions,
+            config,
+            client,
+            receivers,
+            in_flight: HashMap::new(),
+            commands: weak,
+            backlog: VecDeque::new(),
+            last_receive: Instant::now(),
+        };
+        Ok(task.run(incoming))
+    })
+    .await?;
+    Ok(commands)
+}
+
+/// Counts a receive call against its receiver until the call ends or is dropped.
+struct Receiving<'a>(&'a AtomicUsize);
+
+impl<'a> Receiving<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Receiving(count)
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -949,8 +1016,16 @@ impl Subscriber for ServiceBusSubscriber {
             return Err(closed("subscriber"));
         }
         check_receive_max(TRANSPORT, max)?;
+        // The receiver with the fewest receive calls waiting: each serves one at a time.
+        let receiver = self
+            .receivers
+            .iter()
+            .min_by_key(|r| r.receiving.load(Ordering::Acquire))
+            .ok_or_else(|| closed("subscriber"))?;
+        let _receiving = Receiving::start(&receiver.receiving);
         let (reply, outcome) = oneshot::channel();
-        self.commands
+        receiver
+            .commands
             .send(Command::Receive { max, wait, reply })
             .await
             .map_err(|_| closed("subscriber"))?;
@@ -961,11 +1036,19 @@ impl Subscriber for ServiceBusSubscriber {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let (reply, done) = oneshot::channel();
-        if self.commands.send(Command::Close(reply)).await.is_ok() {
-            let _ = done.await;
-        }
+        let closes = self.receivers.iter().map(|receiver| async move {
+            let (reply, done) = oneshot::channel();
+            if receiver.commands.send(Command::Close(reply)).await.is_ok() {
+                let _ = done.await;
+            }
+        });
+        futures::future::join_all(closes).await;
         Ok(())
+    }
+
+    /// One receive at a time per receiver (`receivers` in the configuration).
+    fn concurrent_receives(&self) -> usize {
+        self.receivers.len()
     }
 }
 
@@ -1678,6 +1761,26 @@ mod tests {
         match crate::Config::from_url(url) {
             Ok(crate::Config::ServiceBus(config)) => config,
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn receivers_out_of_range_or_with_a_pinned_session_are_config_errors() {
+        for (url, expected) in [
+            ("servicebus://q?receivers=0", "1 to 32"),
+            ("servicebus://q?receivers=33", "1 to 32"),
+            (
+                "servicebus://q?sessions=true&session=s1&receivers=2",
+                "only one receiver at a time can hold a session",
+            ),
+        ] {
+            // Refused before any connection is attempted (no broker listens here).
+            let error = ServiceBusSubscriber::connect(&servicebus_config(url))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{url}: connected"));
+            assert!(matches!(error, Error::Config { .. }), "{url}: {error:?}");
+            assert!(error.to_string().contains(expected), "{url}: {error}");
         }
     }
 
