@@ -198,7 +198,8 @@ broker does the same work per message as for cloudbus: the ratio to it isolates 
 - **raw-consume**: N pre-filled (untimed), 8 tasks each ReceiveMessage(10, wait 1 s) + DeleteMessageBatch \
 (Service Bus: peek-lock `receive_messages` of 10 with 1 s wait, `complete_message` each; memory: one loop on the channel); \
 SNS: the queue subscribed to the topic (raw delivery). Time until the N-th is settled.
-- **cloudbus-consume**: `Consumer` with concurrency 80, receive wait 1 s, a handler that acks; \
+- **cloudbus-consume**: `Consumer` with concurrency 80, receive wait 1 s, a handler that acks \
+(Service Bus: a subscriber with `receivers=8`, as many connections as the raw loop's clients); \
 time until the N-th is handled. **cloudbus-drain-100k**: the same on a 100,000-message backlog.
 - **omniqueue-consume**: 8 tasks each `receive_all(10, 1 s)` then `ack` of each.
 - **peak RSS**: VmHWM of the scenario's own process. The parent creates entities and pre-fills \
