@@ -70,7 +70,8 @@
 //!   of the lock duration, up to [`LockRenewal::max_total`]; see [`LockRenewal`].
 //! - **Ordering keys.** Messages with the same [`Message::ordering_key`](crate::Message)
 //!   are handled one at a time, in order, even when one receive returns several of them.
-//!   When one is retried, the ones behind it are released and come back after it.
+//!   When one is retried, the ones behind it are released, hidden for the retry's delay, and
+//!   come back after it.
 //! - **Receive errors.** A failing receive is retried with exponential backoff
 //!   ([`ConsumerBuilder::receive_backoff`]), logged with `tracing::warn!` when transient and
 //!   `tracing::error!` when not (a missing queue or a lost permission is often fixed while

@@ -6,16 +6,29 @@
 //! Each delivery gets its own task at once (so its lock is renewed while it waits); a
 //! delivery with a key waits for the [`Turn`] of the previous delivery of that key.
 //! When a delivery is not settled for good (it was nacked for a retry, released or lost
-//! its lock), the ones behind it are released too, so the broker delivers them again after
-//! it, in order.
+//! its lock), the ones behind it are released too, hidden for as long as it is (the retry's
+//! delay), so the broker delivers them again after it, in order. (Releasing them at once
+//! would be enough on SQS, which keeps a message group locked while any of its messages is
+//! hidden, but LocalStack hands out the rest of a group as soon as one of them is visible.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 /// The last delivery of each key that has one in the consumer, by key.
-type Tails = HashMap<String, (u64, oneshot::Receiver<bool>)>;
+type Tails = HashMap<String, (u64, oneshot::Receiver<Next>)>;
+
+/// What a delivery of a key lets the next one of the key do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// It was settled for good (acked or dead-lettered): go.
+    Go,
+    /// It comes back after this delay (zero: at once): release the next one hidden for
+    /// as long, so that it cannot come back first.
+    Release(Duration),
+}
 
 /// The chains of deliveries per ordering key. Cheap to clone.
 #[derive(Clone, Default)]
@@ -28,8 +41,8 @@ pub(crate) struct Lanes {
 pub(crate) struct Turn {
     key: String,
     sequence: u64,
-    previous: Option<oneshot::Receiver<bool>>,
-    done: Option<oneshot::Sender<bool>>,
+    previous: Option<oneshot::Receiver<Next>>,
+    done: Option<oneshot::Sender<Next>>,
     tails: Arc<Mutex<Tails>>,
 }
 
@@ -68,20 +81,20 @@ impl Lanes {
 }
 
 impl Turn {
-    /// Waits until the previous delivery of the key is settled. `true` when it was acked or
-    /// dead-lettered, so this one may go; `false` when this one must be released.
-    pub(crate) async fn wait(&mut self) -> bool {
+    /// Waits until the previous delivery of the key is settled, and says whether this one
+    /// may go or must be released (a previous turn dropped unfinished: at once).
+    pub(crate) async fn wait(&mut self) -> Next {
         match self.previous.take() {
-            None => true,
-            Some(previous) => previous.await.unwrap_or(false),
+            None => Next::Go,
+            Some(previous) => previous.await.unwrap_or(Next::Release(Duration::ZERO)),
         }
     }
 
-    /// Lets the next delivery of the key go (`settled` true) or makes it release itself.
-    pub(crate) fn finish(mut self, settled: bool) {
+    /// Lets the next delivery of the key go, or makes it release itself.
+    pub(crate) fn finish(mut self, next: Next) {
         if let Some(done) = self.done.take() {
             // The next delivery may not exist; then no one listens.
-            let _ = done.send(settled);
+            let _ = done.send(next);
         }
     }
 }
@@ -110,12 +123,21 @@ mod tests {
         let mut second = lanes.enter("k".into());
         let mut third = lanes.enter("k".into());
         let mut other = lanes.enter("other".into());
-        assert!(first.wait().await, "the first of a key goes at once");
-        assert!(other.wait().await, "other keys are independent");
-        first.finish(true);
-        assert!(second.wait().await);
-        second.finish(false);
-        assert!(!third.wait().await, "behind an unsettled message: release");
+        assert_eq!(
+            first.wait().await,
+            Next::Go,
+            "the first of a key goes at once"
+        );
+        assert_eq!(other.wait().await, Next::Go, "other keys are independent");
+        first.finish(Next::Go);
+        assert_eq!(second.wait().await, Next::Go);
+        let retry = Next::Release(Duration::from_secs(3));
+        second.finish(retry);
+        assert_eq!(
+            third.wait().await,
+            retry,
+            "behind a retried message: release, hidden as long"
+        );
         drop(third);
         drop(other);
         assert_eq!(lanes.len(), 0, "finished chains leave nothing behind");
@@ -127,6 +149,6 @@ mod tests {
         let first = lanes.enter("k".into());
         let mut second = lanes.enter("k".into());
         drop(first);
-        assert!(!second.wait().await);
+        assert_eq!(second.wait().await, Next::Release(Duration::ZERO));
     }
 }

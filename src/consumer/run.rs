@@ -18,7 +18,7 @@ use tracing::instrument::WithSubscriber;
 
 use super::Settings;
 use super::handler::{Context, Handler, HandlerError, RETRIES_EXHAUSTED};
-use super::ordering::{Lanes, Turn};
+use super::ordering::{Lanes, Next, Turn};
 use super::renewal::keep_locked;
 use super::retry::Backoff;
 use super::summary::{Stats, StopReason, Summary, bump};
@@ -237,7 +237,7 @@ fn finish_receiving<H: Handler>(
             bump(&shared.stats.received);
             shared.instruments.received.increment(1);
             let span = process_span(&shared.settings.destination, &delivery);
-            settle(&shared, delivery, Outcome::NotStarted).instrument(span)
+            settle(&shared, delivery, Outcome::NotStarted(Duration::ZERO)).instrument(span)
         });
         futures::future::join_all(releases).await;
     };
@@ -350,8 +350,9 @@ fn dispatch<H: Handler>(
 
 /// How far a delivery got.
 enum Outcome {
-    /// Not started (shutdown, or behind an unsettled message of its key).
-    NotStarted,
+    /// Not started (shutdown, or behind an unsettled message of its key): release it,
+    /// hidden for this long.
+    NotStarted(Duration),
     /// Stopped at the shutdown deadline.
     Interrupted,
     /// The handler finished: its result, or the panic payload.
@@ -374,17 +375,19 @@ async fn process<H: Handler>(
     let outcome = {
         let renew = keep_locked(&mut delivery, &shared.settings.renewal, received_at);
         tokio::pin!(renew);
-        let go = match turn.as_mut() {
-            None => true,
+        let next = match turn.as_mut() {
+            None => Next::Go,
             Some(turn) => tokio::select! {
                 biased;
-                go = turn.wait() => go,
-                () = shared.shutdown.cancelled() => false,
+                next = turn.wait() => next,
+                () = shared.shutdown.cancelled() => Next::Release(Duration::ZERO),
                 never = &mut renew => match never {},
             },
         };
-        if !go || shared.shutdown.is_cancelled() {
-            Outcome::NotStarted
+        if let Next::Release(hidden) = next {
+            Outcome::NotStarted(hidden)
+        } else if shared.shutdown.is_cancelled() {
+            Outcome::NotStarted(Duration::ZERO)
         } else {
             let started = Instant::now();
             let handled = AssertUnwindSafe(shared.handler.handle(message, context)).catch_unwind();
@@ -396,29 +399,38 @@ async fn process<H: Handler>(
             }
         }
     };
-    let settled = settle(&shared, delivery, outcome).await;
+    let next = settle(&shared, delivery, outcome).await;
     if let Some(turn) = turn {
-        turn.finish(settled);
+        turn.finish(next);
     }
 }
 
 /// What to do with a delivery.
 enum Settlement {
     Ack,
-    Retry { delay: Duration, error: String },
-    DeadLetter { reason: String, description: String },
-    Release,
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    DeadLetter {
+        reason: String,
+        description: String,
+    },
+    /// Nack without handling, hidden for this long (zero: at once).
+    Release(Duration),
 }
 
-/// Settles a delivery from its outcome. Returns whether it is settled for good (acked or
-/// dead-lettered), so the next message of its ordering key may go.
-async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Outcome) -> bool {
+/// Settles a delivery from its outcome. Returns what the next message of its ordering key
+/// may do: go when this one is settled for good (acked or dead-lettered), else be released
+/// hidden for as long as this one.
+async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Outcome) -> Next {
     let span = tracing::Span::current();
     let stats = &shared.stats;
     let instruments = &shared.instruments;
     let attempt = delivery.delivery_count();
     let settlement = match outcome {
-        Outcome::NotStarted | Outcome::Interrupted => Settlement::Release,
+        Outcome::NotStarted(hidden) => Settlement::Release(hidden),
+        Outcome::Interrupted => Settlement::Release(Duration::ZERO),
         Outcome::Handled { result, took } => {
             bump(&stats.handled);
             let (kind, settlement) = match result {
@@ -452,11 +464,11 @@ async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Out
         }
     };
 
-    let (name, result, settled) = match settlement {
-        Settlement::Ack => ("ack", delivery.ack().await, true),
+    let (name, result, next) = match settlement {
+        Settlement::Ack => ("ack", delivery.ack().await, Next::Go),
         Settlement::Retry { delay, error } => {
             tracing::warn!(attempt, retry_in = ?delay, error, "handler failed; retrying later");
-            ("nack", delivery.nack(delay).await, false)
+            ("nack", delivery.nack(delay).await, Next::Release(delay))
         }
         Settlement::DeadLetter {
             reason,
@@ -467,17 +479,21 @@ async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Out
             (
                 "dead_letter",
                 delivery.dead_letter(&reason, &description).await,
-                true,
+                Next::Go,
             )
         }
-        Settlement::Release => {
+        Settlement::Release(hidden) => {
             if shared.shutdown.is_cancelled() {
                 // A receive call of this consumer still in progress would take the
                 // message back and hide it; release it once none is (bounded by the
                 // receive wait).
                 shared.receiving_ended.cancelled().await;
             }
-            ("release", delivery.nack(Duration::ZERO).await, false)
+            (
+                "release",
+                delivery.nack(hidden).await,
+                Next::Release(hidden),
+            )
         }
     };
     span.record("cloudbus.settlement", name);
@@ -491,12 +507,12 @@ async fn settle<H: Handler>(shared: &Shared<H>, delivery: Delivery, outcome: Out
             };
             bump(counter);
             metric.increment(1);
-            settled
+            next
         }
         Err(error) => {
             bump(&stats.settle_failed);
             tracing::warn!(%error, settlement = name, "settling the message failed; the broker will redeliver it");
-            false
+            Next::Release(Duration::ZERO)
         }
     }
 }
