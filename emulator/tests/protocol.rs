@@ -266,22 +266,7 @@ async fn transfer_on_a_detached_link_is_an_unattached_handle_error() {
     let mut bad = Raw::connect(h.local_addr()).await;
     bad.open(None).await;
     bad.begin(0).await;
-    let attach = Attach {
-        name: "sender".into(),
-        handle: 0.into(),
-        role: Role::Sender,
-        snd_settle_mode: Default::default(),
-        rcv_settle_mode: Default::default(),
-        source: Some(Box::default()),
-        target: Some(Box::new(TargetArchetype::Target(Target::from("q")))),
-        unsettled: None,
-        incomplete_unsettled: false,
-        initial_delivery_count: Some(0),
-        max_message_size: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
+    let attach = attach("sender", 0, Role::Sender, "q");
     bad.send(0, Performative::Attach(attach), &[]).await;
     assert!(matches!(
         bad.performative().await,
