@@ -86,8 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut workers = Vec::new();
     for _ in 1..=2 {
         workers.push(
-            Consumer::connect(&billing_url)
-                .await?
+            Consumer::builder(cloudbus::connect_subscriber(&billing_url).await?)
                 .concurrency(4)
                 // Short long polls: a consumer that stops lets its receive call in progress
                 // finish (so that no message is left hidden), and the demo ends soon after.

@@ -52,8 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // --max the consumer never holds a message beyond the last one it prints.
     // Long polls of 2 s: stopping lets the receive call in progress finish (so that no
     // message is left hidden), so ctrl-c takes up to that long.
-    let consumer = Consumer::connect(&args.url)
-        .await?
+    let consumer = Consumer::builder(cloudbus::connect_subscriber(&args.url).await?)
         .concurrency(1)
         .receive_wait(Duration::from_secs(2))
         .build()?;

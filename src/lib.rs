@@ -40,34 +40,33 @@
 //! - A transport that cannot do what a message asks returns [`Error::Unsupported`];
 //!   limits are checked before any network call.
 //!
-//! ## Cargo features
+//! ## Crates and cargo features
 //!
-//! - `aws`: `sqs://` and `sns://`.
-//! - `azure`: `servicebus://`.
-//! - `testkit`: [`testkit`], the conformance suite every transport passes.
+//! This facade re-exports [`cloudbus-core`](cloudbus_core) (the API, the consumer runtime
+//! and the in-process broker) and connects by URL to the adapters its features enable:
+//!
+//! - `aws`: `sqs://` and `sns://` ([`aws`], the `cloudbus-aws` crate).
+//! - `azure`: `servicebus://` ([`azure`], the `cloudbus-azure` crate).
+//!
+//! The conformance suite every transport passes is the `cloudbus-testkit` crate.
 
 #![warn(missing_docs)]
 
-pub mod adapters;
-#[cfg(any(feature = "aws", feature = "azure"))]
-mod batcher;
 pub mod config;
 mod connect;
-pub mod consumer;
-pub mod error;
-pub mod message;
-pub mod publisher;
-pub mod subscriber;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 
+/// Amazon SQS and SNS: the `cloudbus-aws` crate (feature `aws`).
+#[cfg(feature = "aws")]
+pub use cloudbus_aws as aws;
+/// Azure Service Bus: the `cloudbus-azure` crate (feature `azure`).
+#[cfg(feature = "azure")]
+pub use cloudbus_azure as azure;
+pub use cloudbus_core::{
+    Attributes, Consumer, Delivery, Destination, Error, Message, Publisher, Result, Subscriber,
+    SubscriberExt, consumer, driver, error, memory, message, publisher, subscriber,
+};
 pub use config::{Config, IntoConfig};
 pub use connect::{connect_publisher, connect_subscriber};
-pub use consumer::Consumer;
-pub use error::{Error, Result};
-pub use message::{Attributes, Message};
-pub use publisher::Publisher;
-pub use subscriber::{Delivery, Subscriber, SubscriberExt};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]

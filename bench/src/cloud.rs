@@ -85,8 +85,7 @@ async fn consume(job: &Job) -> Result<Report> {
     } else {
         None
     };
-    let consumer = Consumer::connect(url(job, true))
-        .await?
+    let consumer = Consumer::builder(cloudbus::connect_subscriber(url(job, true)).await?)
         .concurrency(CONCURRENCY)
         .receive_wait(RECEIVE_WAIT)
         .shutdown_timeout(Duration::from_secs(10))

@@ -525,7 +525,7 @@ mod tests {
 
     #[test]
     fn official_sample_config_parses() {
-        let text = include_str!("../docker/Config.json");
+        let text = include_str!("../tests/Config.json");
         let t = Topology::from_config_json(text).expect("parses");
         assert_eq!(t.queues[0].name, "queue.1");
         assert_eq!(

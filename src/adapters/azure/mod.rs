@@ -1,3 +1,0 @@
-//! Azure Service Bus (feature `azure`).
-
-pub mod servicebus;
