@@ -17,6 +17,7 @@ fn spec(harness: &impl Harness) -> Spec {
         visibility: harness.features().unit * 10,
         max_deliveries: 10,
         ordered: false,
+        replay: false,
     }
 }
 
@@ -597,6 +598,73 @@ pub async fn concurrent_publishes_and_close_lose_nothing(harness: &impl Harness)
         let ids: HashSet<String> = got.iter().map(|d| d.message().id.clone()).collect();
         assert_eq!(ids, expected, "published messages went missing");
         ack_all(got).await;
+    }
+}
+
+/// A new subscription that starts at the beginning receives every message the topic
+/// holds, also those published before it existed, in order within each ordering key: how a
+/// service rebuilds its state from a log (replay).
+pub async fn replay_from_the_beginning_returns_every_message(harness: &impl Harness) {
+    const KEYS: usize = 3;
+    const PER_KEY: usize = 10;
+    let features = harness.features();
+    let spec = Spec {
+        replay: true,
+        ordered: features.ordering == Support::Yes,
+        ..spec(harness)
+    };
+    if let Support::No(reason) = features.replay {
+        assert_refused(harness.create(&spec).await.map(|_| ()), "replay", reason);
+        return;
+    }
+    let entity = harness
+        .create(&spec)
+        .await
+        .expect("harness creates entities");
+    let publisher = entity.publisher().await.expect("connect publisher");
+    let mut sent = HashSet::new();
+    for seq in 0..PER_KEY {
+        for key in 0..KEYS {
+            let mut message = Message::new(format!("event {key}/{seq}"))
+                .with_attribute("key", format!("key-{key}"))
+                .with_attribute("seq", seq.to_string());
+            if spec.ordered {
+                message = message.with_ordering_key(format!("key-{key}"));
+            }
+            sent.insert(message.id.clone());
+            publisher.publish(message).await.expect("publish");
+        }
+    }
+    // The replaying subscription is created now, after everything was published. Acked as
+    // they come: a transport hands out one message per ordering key at a time.
+    let subscriber = entity.subscriber(0).await.expect("connect the replay");
+    let deadline = Instant::now() + PATIENCE;
+    let mut order: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut ids = HashSet::new();
+    while ids.len() < sent.len() && Instant::now() < deadline {
+        for delivery in subscriber
+            .receive(10, Duration::from_secs(1))
+            .await
+            .expect("receive")
+        {
+            let message = delivery.message();
+            let seq: usize = message.attributes["seq"].parse().expect("seq");
+            order
+                .entry(message.attributes["key"].clone())
+                .or_default()
+                .push(seq);
+            ids.insert(message.id.clone());
+            delivery.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(
+        ids, sent,
+        "the replay returns every message, and only those"
+    );
+    if spec.ordered {
+        for (key, seqs) in order {
+            assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "order within {key}");
+        }
     }
 }
 

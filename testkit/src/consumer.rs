@@ -71,6 +71,7 @@ fn spec(harness: &impl Harness) -> Spec {
         visibility: harness.features().unit * 10,
         max_deliveries: 10,
         ordered: false,
+        replay: false,
     }
 }
 

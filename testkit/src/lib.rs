@@ -64,6 +64,9 @@ pub struct Features {
     /// The time unit of the timing cases: locks, delays and waits are small multiples of
     /// it. Use the transport's timer granularity (1 s for SQS, less for memory).
     pub unit: Duration,
+    /// Replay: a new subscription that starts at the beginning gets every message the
+    /// topic still holds (Kafka, memory topics).
+    pub replay: Support,
     /// Whether the transport may deliver a message again although nothing failed (no nack,
     /// no lock expiry, no crash), as SQS's at-least-once delivery may. With `false`, the
     /// consumer suite asserts no duplicates where nothing failed.
@@ -79,6 +82,7 @@ impl Default for Features {
             time_to_live: Support::Yes,
             max_message_size: 1024 * 1024,
             unit: Duration::from_secs(1),
+            replay: Support::Yes,
             spurious_redeliveries: true,
         }
     }
@@ -93,6 +97,12 @@ pub struct Spec {
     pub max_deliveries: u32,
     /// Whether the case needs messages with ordering keys.
     pub ordered: bool,
+    /// The case replays the topic: the subscribers the harness hands out are new
+    /// subscriptions that start at the earliest message the topic holds
+    /// (`with_start(Start::Earliest)`), created when they are first opened, after the case
+    /// has published. A harness of a transport without replay returns the transport's
+    /// refusal from `create`.
+    pub replay: bool,
 }
 
 /// Fresh entities for one case: where to publish, where to receive (one queue, or each
@@ -248,6 +258,7 @@ macro_rules! conformance_tests {
             extend_keeps_message_locked,
             batch_of_25_all_arrive,
             concurrent_publishes_and_close_lose_nothing,
+            replay_from_the_beginning_returns_every_message,
             delayed_delivery_is_not_visible_early,
             ordering_keys_keep_order,
             missing_entity_is_not_found,

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cloudbus_core::config::Start;
+use cloudbus_core::driver::TransportConfig;
 use cloudbus_core::memory::{MemoryConfig, MemorySubscriber};
 use cloudbus_core::{Result, message};
 
@@ -61,6 +63,11 @@ impl Harness for MemoryHarness {
             } else {
                 Support::No("a memory queue has no subscriptions; the topic harness covers fan-out")
             },
+            replay: if self.subscriptions > 0 {
+                Support::Yes
+            } else {
+                Support::No("a memory queue keeps no log; topics do (the topic harness)")
+            },
             max_message_size: MemoryConfig::default().max_message_size,
             unit: Duration::from_millis(200),
             spurious_redeliveries: false,
@@ -78,6 +85,16 @@ impl Harness for MemoryHarness {
             let mut subscription = base.clone();
             subscription.subscription = Some(name);
             MemorySubscriber::connect(&subscription).await?;
+        }
+        if spec.replay {
+            // A subscription of its own that replays the topic's log, created when the
+            // case first opens it (a queue refuses it).
+            let replay = base.with_start(Start::Earliest)?;
+            let name = (self.subscriptions > 0).then(|| "replay".to_string());
+            if name.is_none() {
+                MemorySubscriber::connect(&replay).await?;
+            }
+            return Ok(entity(&replay, vec![name]));
         }
         Ok(entity(&base, self.names()))
     }

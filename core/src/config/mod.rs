@@ -12,9 +12,9 @@
 mod url;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Deserializer, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use url::ConfigUrl;
 
@@ -74,6 +74,74 @@ impl<'de> Deserialize<'de> for Secret {
             }
         }
         d.deserialize_newtype_struct(SECRET_NAME, Visitor)
+    }
+}
+
+/// Where a new subscription of a transport that keeps a log (Kafka; memory topics) starts
+/// reading: `start=earliest`, `latest` (the default) or an RFC 3339 time such as
+/// `2026-12-01T09:00:00Z`. It applies when the subscription is created; an existing one
+/// goes on from where it was. Replaying a topic to rebuild state is a new subscription
+/// with `start=earliest` (or a time).
+///
+/// ```
+/// use cloudbus_core::config::Start;
+///
+/// assert_eq!("earliest".parse::<Start>()?, Start::Earliest);
+/// let at: Start = "2026-12-01T09:00:00Z".parse()?;
+/// assert_eq!(at.to_string(), "2026-12-01T09:00:00Z");
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// From the oldest message the transport still holds.
+    Earliest,
+    /// From the messages published after the subscription was created (what a queue or a
+    /// Service Bus / SNS subscription does).
+    #[default]
+    Latest,
+    /// From the first message published at or after this time.
+    At(SystemTime),
+}
+
+impl fmt::Display for Start {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Start::Earliest => f.write_str("earliest"),
+            Start::Latest => f.write_str("latest"),
+            Start::At(at) => write!(f, "{}", humantime::format_rfc3339(*at)),
+        }
+    }
+}
+
+impl std::str::FromStr for Start {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Start, String> {
+        match text.trim() {
+            "earliest" => Ok(Start::Earliest),
+            "latest" => Ok(Start::Latest),
+            other => humantime::parse_rfc3339_weak(other)
+                .map(Start::At)
+                .map_err(|_| {
+                    format!(
+                        "`{other}` is not a start position: use earliest, latest or an RFC 3339 \
+                     time such as 2026-12-01T09:00:00Z"
+                    )
+                }),
+        }
+    }
+}
+
+impl Serialize for Start {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Start {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -193,6 +261,22 @@ mod tests {
             redact_url("rabbitmq://q?uri=amqp://u:hunter2@h&create"),
             "rabbitmq://q?uri=…&create=…"
         );
+    }
+
+    #[test]
+    fn start_positions() {
+        assert_eq!("latest".parse::<Start>(), Ok(Start::Latest));
+        assert_eq!(Start::default(), Start::Latest);
+        let at: Start = "2026-12-01T09:00:00Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&at).unwrap(),
+            "\"2026-12-01T09:00:00Z\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Start>("\"earliest\"").unwrap(),
+            Start::Earliest
+        );
+        assert!("soon".parse::<Start>().unwrap_err().contains("RFC 3339"));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::ConfigUrl;
+use crate::config::{ConfigUrl, Start};
 use crate::{Error, Publisher, Result, Subscriber};
 
 /// How a transport settles one delivery. Implemented by adapters; services use the
@@ -102,6 +102,23 @@ pub trait TransportConfig:
 
     /// The dead-letter queue of the queue or subscription this configuration receives from.
     fn dead_letter_queue(&self) -> Result<Self::DeadLetters>;
+
+    /// The same subscription, starting at `start` when it is created: how to replay a
+    /// topic. `Unsupported` (the default) for transports that keep no log of delivered
+    /// messages.
+    fn with_start(&self, start: Start) -> Result<Self> {
+        match start {
+            Start::Latest => Ok(self.clone()),
+            other => Err(Error::Unsupported {
+                transport: Self::SCHEME,
+                feature: format!(
+                    "replay (start={other}): {}:// keeps no log of delivered messages, so a \
+                     subscription can only start at the messages published after it was created",
+                    Self::SCHEME
+                ),
+            }),
+        }
+    }
 
     /// Parses a URL of this scheme: `SqsConfig::from_url("sqs://orders?create=true")`.
     fn from_url(url: &str) -> Result<Self> {

@@ -2,13 +2,14 @@
 //! queue per subscription), each queue with its messages, locks and dead-letter queue, and
 //! the settlement of its deliveries.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
 use super::{MemoryConfig, TRANSPORT};
+use crate::config::Start;
 use crate::driver::{DeliveryInfo, Settle};
 use crate::subscriber::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, MAX_DELIVERY_COUNT_EXCEEDED};
 use crate::{Delivery, Error, Message, Result};
@@ -58,13 +59,77 @@ pub(super) struct Entity {
 
 enum Kind {
     Queue(Arc<Queue>),
-    Topic(BTreeMap<String, Arc<Queue>>),
+    Topic(Topic),
+}
+
+/// A topic: a queue per subscription, and the log of what was published, for
+/// subscriptions that start before they were created (replay).
+struct Topic {
+    subscriptions: BTreeMap<String, Arc<Queue>>,
+    /// The last `capacity` messages published, oldest first.
+    log: VecDeque<Logged>,
+    capacity: usize,
+}
+
+/// A message in a topic's log.
+struct Logged {
+    message: Message,
+    published_at: SystemTime,
+    published: Instant,
+}
+
+impl Topic {
+    fn new(capacity: usize) -> Topic {
+        Topic {
+            subscriptions: BTreeMap::new(),
+            log: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// A new subscription's queue, holding what the log has from `start` on.
+    fn subscribe(&mut self, entity: &str, name: &str, config: &MemoryConfig) -> Arc<Queue> {
+        let queue = Queue::with_dead_letter(format!("{entity}/{name}"), config);
+        let from = match config.start {
+            Start::Latest => None,
+            Start::Earliest => Some(SystemTime::UNIX_EPOCH),
+            Start::At(at) => Some(at),
+        };
+        if let Some(from) = from {
+            for logged in self.log.iter().filter(|l| l.published_at >= from) {
+                queue.replay(logged);
+            }
+        }
+        self.subscriptions.insert(name.to_string(), queue.clone());
+        queue
+    }
+
+    fn record(&mut self, message: Message) {
+        if self.log.len() >= self.capacity {
+            self.log.pop_front();
+        }
+        self.log.push_back(Logged {
+            message,
+            published_at: SystemTime::now(),
+            published: Instant::now(),
+        });
+    }
 }
 
 impl Entity {
     /// The queue a subscriber with this config receives from, creating a subscription
     /// (and turning an unused queue into a topic) where allowed.
     pub(super) fn queue_for(&self, config: &MemoryConfig) -> Result<Arc<Queue>> {
+        if config.start != Start::Latest && config.subscription.is_none() {
+            return Err(Error::Unsupported {
+                transport: TRANSPORT,
+                feature: format!(
+                    "start={} on the queue memory://{}: replay reads a topic's log, so \
+                     receive through a subscription (memory://{}?subscription=<name>&start=...)",
+                    config.start, self.name, self.name
+                ),
+            });
+        }
         let mut kind = lock(&self.kind);
         match (&mut *kind, &config.subscription) {
             (Kind::Queue(queue), None) => Ok(queue.clone()),
@@ -72,8 +137,8 @@ impl Entity {
                 "memory://{} is a topic: receive through a subscription, memory://{}?subscription=<name>",
                 self.name, self.name
             ))),
-            (Kind::Topic(subscriptions), Some(name)) => {
-                if let Some(queue) = subscriptions.get(name) {
+            (Kind::Topic(topic), Some(name)) => {
+                if let Some(queue) = topic.subscriptions.get(name) {
                     return Ok(queue.clone());
                 }
                 if !config.create {
@@ -83,9 +148,7 @@ impl Entity {
                         name: format!("{}?subscription={name}", self.name),
                     });
                 }
-                let queue = Queue::with_dead_letter(format!("{}/{name}", self.name), config);
-                subscriptions.insert(name.clone(), queue.clone());
-                Ok(queue)
+                Ok(topic.subscribe(&self.name, name, config))
             }
             (Kind::Queue(queue), Some(name)) => {
                 if !queue.is_empty() {
@@ -101,20 +164,21 @@ impl Entity {
                         name: format!("{}?subscription={name}", self.name),
                     });
                 }
-                let queue = Queue::with_dead_letter(format!("{}/{name}", self.name), config);
-                *kind = Kind::Topic(BTreeMap::from([(name.clone(), queue.clone())]));
+                let mut topic = Topic::new(config.capacity);
+                let queue = topic.subscribe(&self.name, name, config);
+                *kind = Kind::Topic(topic);
                 Ok(queue)
             }
         }
     }
 
-    /// Enqueues `message` on the queue, or on every subscription of the topic. All or none:
-    /// if any target is full, nothing is enqueued.
+    /// Enqueues `message` on the queue, or on every subscription of the topic (and in its
+    /// log). All or none: if any target is full, nothing is enqueued.
     pub(super) fn publish(&self, message: Message) -> Result<()> {
-        let kind = lock(&self.kind);
+        let mut kind = lock(&self.kind);
         let targets: Vec<&Arc<Queue>> = match &*kind {
             Kind::Queue(queue) => vec![queue],
-            Kind::Topic(subscriptions) => subscriptions.values().collect(),
+            Kind::Topic(topic) => topic.subscriptions.values().collect(),
         };
         // Publishers enqueue under the entity lock, so no one else can fill a target
         // between this check and the enqueue below.
@@ -123,6 +187,9 @@ impl Entity {
         }
         for queue in targets {
             queue.enqueue(message.clone(), false)?;
+        }
+        if let Kind::Topic(topic) = &mut *kind {
+            topic.record(message);
         }
         Ok(())
     }
@@ -222,9 +289,37 @@ impl Queue {
     /// Adds a message. `force` skips the capacity check (used to return a message that
     /// already counted against it).
     fn enqueue(&self, message: Message, force: bool) -> Result<()> {
-        let now = Instant::now();
-        let visible_at = now + message.delay();
+        let visible_at = Instant::now() + message.delay();
         let expires_at = message.time_to_live.map(|ttl| visible_at + ttl);
+        self.store(message, SystemTime::now(), visible_at, expires_at, force)
+    }
+
+    /// Adds a message from a topic's log as it was published then: its enqueue time, its
+    /// delay and its time to live count from its publication (an expired one is not added).
+    fn replay(&self, logged: &Logged) {
+        let visible_at = logged.published + logged.message.delay();
+        let expires_at = logged.message.time_to_live.map(|ttl| visible_at + ttl);
+        if expires_at.is_some_and(|at| at <= Instant::now()) {
+            return;
+        }
+        // The log holds at most `capacity` messages, so a new queue takes them all.
+        let _ = self.store(
+            logged.message.clone(),
+            logged.published_at,
+            visible_at,
+            expires_at,
+            true,
+        );
+    }
+
+    fn store(
+        &self,
+        message: Message,
+        enqueued_at: SystemTime,
+        visible_at: Instant,
+        expires_at: Option<Instant>,
+        force: bool,
+    ) -> Result<()> {
         {
             let mut state = lock(&self.state);
             if !force && state.available.len() + state.in_flight.len() >= self.capacity {
@@ -236,7 +331,7 @@ impl Queue {
                 sequence,
                 Stored {
                     message,
-                    enqueued_at: SystemTime::now(),
+                    enqueued_at,
                     visible_at,
                     expires_at,
                     delivery_count: 0,

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{MemoryPublisher, MemorySubscriber};
-use crate::config::ConfigUrl;
+use crate::config::{ConfigUrl, Start};
 use crate::driver::{Connect, TransportConfig};
 use crate::{Publisher, Result, Subscriber};
 
@@ -48,6 +48,10 @@ pub struct MemoryConfig {
     pub capacity: usize,
     /// Largest message in bytes (payload plus attribute keys and values). Default 1 MiB.
     pub max_message_size: usize,
+    /// Where a new subscription starts: `latest` (the default: what is published after it
+    /// is created), `earliest` (everything the topic's log still holds: a topic keeps its
+    /// last `capacity` messages) or a time. An existing subscription goes on as it was.
+    pub start: Start,
 }
 
 impl Default for MemoryConfig {
@@ -61,6 +65,7 @@ impl Default for MemoryConfig {
             max_deliveries: 10,
             capacity: 100_000,
             max_message_size: 1024 * 1024,
+            start: Start::Latest,
         }
     }
 }
@@ -112,6 +117,13 @@ impl TransportConfig for MemoryConfig {
     fn dead_letter_queue(&self) -> Result<Self> {
         Ok(MemoryConfig {
             dead_letter: true,
+            ..self.clone()
+        })
+    }
+
+    fn with_start(&self, start: Start) -> Result<Self> {
+        Ok(MemoryConfig {
+            start,
             ..self.clone()
         })
     }

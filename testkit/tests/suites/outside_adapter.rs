@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudbus_core::driver::Connect;
 use cloudbus_core::memory::{MemoryConfig, MemoryPublisher, MemorySubscriber};
-use cloudbus_core::{Delivery, Destination, Message, Publisher, Result, Subscriber, message};
+use cloudbus_core::{
+    Delivery, Destination, Error, Message, Publisher, Result, Subscriber, message,
+};
 use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
 
 /// The adapter's configuration: which queue, and whether it is the dead-letter queue.
@@ -83,6 +85,7 @@ impl Harness for WrappedHarness {
     fn features(&self) -> Features {
         Features {
             fan_out: Support::No("the wrapped adapter serves queues only"),
+            replay: Support::No("the wrapped adapter serves queues only, and queues keep no log"),
             unit: Duration::from_millis(200),
             spurious_redeliveries: false,
             ..Features::default()
@@ -91,6 +94,12 @@ impl Harness for WrappedHarness {
 
     async fn create(&self, spec: &Spec) -> Result<Entity> {
         let name = format!("wrapped-{}", message::new_id());
+        if spec.replay {
+            return Err(Error::Unsupported {
+                transport: "wrapped",
+                feature: "replay: the wrapped adapter serves queues, which keep no log".into(),
+            });
+        }
         Ok(
             Entity::new(config(&name, true, false, Some(spec))).with_subscriber(
                 config(&name, true, false, Some(spec)),

@@ -9,6 +9,8 @@ use cloudbus_aws::{
     SnsConfig, SnsPublisher, SnsSubscriber, SqsConfig, SqsPublisher, SqsSubscriber,
     sqs_dead_letter_name,
 };
+use cloudbus_core::config::Start;
+use cloudbus_core::driver::TransportConfig;
 use cloudbus_core::{Result, message};
 use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
 
@@ -69,6 +71,7 @@ impl Harness for SqsHarness {
             } else {
                 Support::Yes
             },
+            replay: Support::No("an SQS queue keeps no log of delivered messages"),
             max_message_size: SqsPublisher::MAX_MESSAGE_SIZE,
             unit: Duration::from_secs(1),
             ..Features::default()
@@ -82,7 +85,10 @@ impl Harness for SqsHarness {
             unique("cb")
         };
         // Connecting a subscriber with create=true makes the queue and its dead-letter queue.
-        let created = queue_config(&name, Some(spec));
+        let mut created = queue_config(&name, Some(spec));
+        if spec.replay {
+            created = created.with_start(Start::Earliest)?;
+        }
         SqsSubscriber::connect(&created).await?;
         Ok(Entity::new(queue_config(&name, None))
             .with_subscriber(created, queue_config(&sqs_dead_letter_name(&name), None)))
@@ -121,6 +127,7 @@ impl Harness for SnsHarness {
                 "standard SNS topics do not order messages; FIFO needs a .fifo topic and queues",
             ),
             delayed_delivery: Support::No("SNS has no per-message delivery delay"),
+            replay: Support::No("SNS keeps no log; its subscriptions are SQS queues"),
             max_message_size: SnsPublisher::MAX_MESSAGE_SIZE,
             unit: Duration::from_secs(1),
             ..Features::default()
@@ -132,7 +139,10 @@ impl Harness for SnsHarness {
         let queues = [format!("{topic}-a"), format!("{topic}-b")];
         let mut entity = Entity::new(topic_config(&topic, None, None));
         for queue in &queues {
-            let created = topic_config(&topic, Some(queue), Some(spec));
+            let mut created = topic_config(&topic, Some(queue), Some(spec));
+            if spec.replay {
+                created = created.with_start(Start::Earliest)?;
+            }
             SnsSubscriber::connect(&created).await?;
             entity =
                 entity.with_subscriber(created, queue_config(&sqs_dead_letter_name(queue), None));

@@ -163,6 +163,7 @@ async fn outage_case(group: u32) {
         visibility: Duration::from_secs(10),
         max_deliveries: 10,
         ordered: false,
+        replay: false,
     };
     let entity = harness.create(&spec).await.expect("create the queue");
     let publisher = entity.publisher().await.expect("connect publisher");

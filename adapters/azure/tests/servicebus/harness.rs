@@ -72,6 +72,7 @@ impl Harness for ServiceBusHarness {
             } else {
                 Support::No("ordering keys need a session-enabled entity (the sessions harness)")
             },
+            replay: Support::No("Service Bus keeps no log of delivered messages"),
             max_message_size: ServiceBusConfig::default().max_message_size,
             unit: Duration::from_secs(1),
             ..Features::default()
@@ -88,6 +89,9 @@ impl Harness for ServiceBusHarness {
             ..EntityProperties::default()
         };
         let mut base = config(&connection_string, &name);
+        if spec.replay {
+            base = base.with_start(cloudbus_core::config::Start::Earliest)?;
+        }
         base.sessions = self.kind == Kind::Sessions;
         base.receivers = if self.kind == Kind::Receivers { 3 } else { 1 };
         let subscribers: Vec<ServiceBusConfig> = match self.kind {
