@@ -63,8 +63,14 @@ pub struct Message {
 impl Message {
     /// A message with the given payload and a newly generated id (UUIDv7).
     pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message::with_id_and_payload(new_id(), payload)
+    }
+
+    /// A message with the given id and payload, and nothing else set: how adapters build a
+    /// received message, whose id the transport carried (no id is generated).
+    pub fn with_id_and_payload(id: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         Message {
-            id: new_id(),
+            id: id.into(),
             payload: payload.into(),
             attributes: Attributes::new(),
             content_type: None,

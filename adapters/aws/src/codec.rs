@@ -309,7 +309,7 @@ pub(crate) fn decode(
         .and_then(|h| serde_json::from_str::<Header>(h).ok());
     let Some(header) = header else {
         let mut message =
-            Message::new(Bytes::copy_from_slice(body.as_bytes())).with_id(transport_id);
+            Message::with_id_and_payload(transport_id, Bytes::copy_from_slice(body.as_bytes()));
         message.attributes = attributes;
         message.ordering_key = group_id;
         message.deduplication_id = deduplication_id;
@@ -328,7 +328,7 @@ pub(crate) fn decode(
         },
         _ => Bytes::copy_from_slice(body.as_bytes()),
     };
-    let mut message = Message::new(payload).with_id(header.id);
+    let mut message = Message::with_id_and_payload(header.id, payload);
     message.attributes = attributes;
     message.content_type = header.ct;
     message.correlation_id = header.cid;

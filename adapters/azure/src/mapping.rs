@@ -173,7 +173,7 @@ pub(crate) fn from_servicebus(received: &ServiceBusReceivedMessage, sessions: bo
         .message_id()
         .map(|id| id.into_owned())
         .unwrap_or_else(|| received.sequence_number().to_string());
-    let mut message = Message::new(payload).with_id(id.clone());
+    let mut message = Message::with_id_and_payload(id.clone(), payload);
     if let Some(ApplicationProperties(properties)) = received.application_properties() {
         message.attributes = properties
             .iter()
