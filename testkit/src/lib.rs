@@ -67,6 +67,13 @@ pub struct Features {
     /// Replay: a new subscription that starts at the beginning gets every message the
     /// topic still holds (Kafka, memory topics).
     pub replay: Support,
+    /// Two subscribers of one subscription compete for its messages one by one, each
+    /// taking what the other has not (a queue). `No` where the members of a subscription
+    /// share partitions instead (a Kafka consumer group): a second subscriber may get no
+    /// partition, or take over one with the records the first held. The cases that watch a
+    /// second subscriber then watch the first one's own receive calls instead, or say
+    /// what they leave out.
+    pub competing_subscribers: Support,
     /// Whether the transport may deliver a message again although nothing failed (no nack,
     /// no lock expiry, no crash), as SQS's at-least-once delivery may. With `false`, the
     /// consumer suite asserts no duplicates where nothing failed.
@@ -83,6 +90,7 @@ impl Default for Features {
             max_message_size: 1024 * 1024,
             unit: Duration::from_secs(1),
             replay: Support::Yes,
+            competing_subscribers: Support::Yes,
             spurious_redeliveries: true,
         }
     }
