@@ -48,6 +48,9 @@ macro_rules! transports {
         #[derive(Debug, Clone, PartialEq, Serialize)]
         #[serde(tag = "transport")]
         #[non_exhaustive]
+        // A config is made once per connection; its variants stay plain structs that
+        // services match and build, not boxes.
+        #[allow(clippy::large_enum_variant)]
         pub enum Config {
             $(#[doc = $memory_doc])*
             #[serde(rename = "memory")]
@@ -110,6 +113,19 @@ macro_rules! transports {
                     $(
                         #[cfg(feature = $feature)]
                         Config::$variant(c) => c.dead_letter_queue().map(Config::from),
+                    )*
+                }
+            }
+
+            /// The same subscription, starting at `start` when it is created: how a service
+            /// replays a topic (Kafka, memory topics); `Unsupported` where the transport keeps
+            /// no log.
+            pub fn with_start(&self, start: Start) -> Result<Config> {
+                match self {
+                    Config::Memory(c) => c.with_start(start).map(Config::from),
+                    $(
+                        #[cfg(feature = $feature)]
+                        Config::$variant(c) => c.with_start(start).map(Config::from),
                     )*
                 }
             }
@@ -181,6 +197,8 @@ transports! {
     Sns(cloudbus_aws::SnsConfig) = "sns", feature "aws";
     /// Azure Service Bus (`servicebus://`), feature `azure`.
     ServiceBus(cloudbus_azure::ServiceBusConfig) = "servicebus", feature "azure";
+    /// Kafka (`kafka://`): Amazon MSK, Azure Event Hubs, Confluent, self-hosted; feature `kafka`.
+    Kafka(cloudbus_kafka::KafkaConfig) = "kafka", feature "kafka";
 }
 
 /// The error for a scheme this build cannot use: unknown, or its feature is off.

@@ -1,7 +1,7 @@
 //! # cloudbus
 //!
 //! One [`Publisher`] / [`Subscriber`] API over Amazon SQS, Amazon SNS (fanning out to SQS
-//! queues), Azure Service Bus, and an in-process broker. A URL or a [`Config`] decides
+//! queues), Azure Service Bus, Kafka, and an in-process broker. A URL or a [`Config`] decides
 //! which: switching clouds is a configuration change, not a rewrite.
 //!
 //! ## Quick start
@@ -47,6 +47,7 @@
 //!
 //! - `aws`: `sqs://` and `sns://` ([`aws`], the `cloudbus-aws` crate).
 //! - `azure`: `servicebus://` ([`azure`], the `cloudbus-azure` crate).
+//! - `kafka`: `kafka://` ([`kafka`], the `cloudbus-kafka` crate).
 //!
 //! The conformance suite every transport passes is the `cloudbus-testkit` crate.
 
@@ -65,6 +66,9 @@ pub use cloudbus_core::{
     Attributes, Consumer, Delivery, Destination, Error, Message, Publisher, Result, Subscriber,
     SubscriberExt, consumer, driver, error, memory, message, publisher, subscriber,
 };
+/// Kafka: the `cloudbus-kafka` crate (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use cloudbus_kafka as kafka;
 pub use config::{Config, IntoConfig};
 pub use connect::{connect_publisher, connect_subscriber};
 
