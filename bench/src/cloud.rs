@@ -41,6 +41,13 @@ pub fn url(job: &Job, receive: bool) -> String {
             format!("servicebus://{}?receivers={CONSUME_TASKS}", job.entity)
         }
         Transport::ServiceBus => format!("servicebus://{}", job.entity),
+        Transport::Kafka if receive => format!(
+            "kafka://{}?subscription={}&start=earliest&create=true&session_timeout=6s&brokers={}",
+            job.entity,
+            crate::kafka::GROUP,
+            crate::kafka::brokers()
+        ),
+        Transport::Kafka => format!("kafka://{}?brokers={}", job.entity, crate::kafka::brokers()),
     }
 }
 
@@ -49,7 +56,33 @@ pub async fn run(job: &Job) -> Result<Report> {
         "cloudbus-publish" => publish(job, 1).await,
         "cloudbus-publish-batch" => publish(job, BATCH).await,
         "cloudbus-consume" | "cloudbus-drain-100k" => consume(job).await,
+        "cloudbus-receive" => receive(job).await,
         other => bail!("no cloudbus scenario `{other}`"),
+    }
+}
+
+/// The subscriber alone, as a raw loop uses its client: one task receiving up to ten
+/// messages and acking each, without the `Consumer` runtime.
+async fn receive(job: &Job) -> Result<Report> {
+    let subscriber = cloudbus::connect_subscriber(url(job, true)).await?;
+    let progress =
+        harness::consume_counting(vec![SubscriberSource(subscriber)], job.messages).await?;
+    if job.transport == Transport::Kafka {
+        return crate::kafka::after_first(job.messages, &progress);
+    }
+    Ok(Report::timed(job.messages, progress.elapsed()?))
+}
+
+struct SubscriberSource(Box<dyn cloudbus::Subscriber>);
+
+impl harness::Source for SubscriberSource {
+    async fn take(&mut self) -> Result<usize> {
+        let deliveries = self.0.receive(BATCH, RECEIVE_WAIT).await?;
+        let n = deliveries.len();
+        for delivery in deliveries {
+            delivery.ack().await?;
+        }
+        Ok(n)
     }
 }
 
@@ -111,6 +144,9 @@ async fn consume(job: &Job) -> Result<Report> {
             shutdown.cancel();
             return Err(stalled);
         }
+    }
+    if job.transport == Transport::Kafka {
+        return crate::kafka::after_first(n, &progress);
     }
     let note = format!(
         "run() returned after {:.2} s",

@@ -72,6 +72,11 @@ pub async fn publish<S: Sink>(sinks: Vec<S>, total: usize, per_call: usize) -> R
 /// Consumes `total` messages with one task per source; returns the time until the
 /// `total`-th was settled.
 pub async fn consume<S: Source>(sources: Vec<S>, total: usize) -> Result<Duration> {
+    consume_counting(sources, total).await?.elapsed()
+}
+
+/// As [`consume`], with the whole [`Progress`] (when the first message came, too).
+pub async fn consume_counting<S: Source>(sources: Vec<S>, total: usize) -> Result<Progress> {
     let progress = Progress::start(total);
     let mut tasks = JoinSet::new();
     for mut source in sources {
@@ -88,7 +93,7 @@ pub async fn consume<S: Source>(sources: Vec<S>, total: usize) -> Result<Duratio
         joined = join_all(&mut tasks, "consumer") => joined?,
         stalled = progress.stalled() => return Err(stalled),
     }
-    progress.elapsed()
+    Ok(progress)
 }
 
 async fn join_all(tasks: &mut JoinSet<Result<()>>, what: &str) -> Result<()> {
@@ -106,6 +111,7 @@ struct ProgressState {
     target: u64,
     done: AtomicU64,
     start: Instant,
+    first: OnceLock<Duration>,
     reached: OnceLock<Duration>,
 }
 
@@ -116,6 +122,7 @@ impl Progress {
             target: target as u64,
             done: AtomicU64::new(0),
             start: Instant::now(),
+            first: OnceLock::new(),
             reached: OnceLock::new(),
         }))
     }
@@ -124,6 +131,9 @@ impl Progress {
     pub fn add(&self, n: usize) -> bool {
         let state = &self.0;
         let before = state.done.fetch_add(n as u64, Ordering::AcqRel);
+        if before == 0 && n > 0 {
+            let _ = state.first.set(state.start.elapsed());
+        }
         let reached = before < state.target && before + n as u64 >= state.target;
         if reached {
             let _ = state.reached.set(state.start.elapsed());
@@ -144,6 +154,13 @@ impl Progress {
                 self.0.target
             )
         })
+    }
+
+    /// The time from the first message counted to the target (for consumers whose start,
+    /// such as joining a consumer group, takes a while), and the time to that first one.
+    pub fn elapsed_after_first(&self) -> Result<(Duration, Duration)> {
+        let first = self.0.first.get().copied().unwrap_or_default();
+        Ok((self.elapsed()?.saturating_sub(first), first))
     }
 
     /// Resolves (to the error to report) once nothing has been counted for [`STALL_LIMIT`]

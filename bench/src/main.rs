@@ -2,7 +2,7 @@
 //! omniqueue on SQS), in the same run:
 //!
 //! ```text
-//! cargo run --release -p cloudbus-bench -- [--transports memory,sqs,sns,servicebus] [--messages N] [--write BENCHMARKS.md]
+//! cargo run --release -p cloudbus-bench -- [--transports memory,sqs,sns,servicebus,kafka] [--messages N] [--write BENCHMARKS.md]
 //! ```
 //!
 //! Each scenario runs in a child process of its own (this executable with `--scenario`),
@@ -12,11 +12,13 @@
 //! `<!-- bench:start -->` and `<!-- bench:end -->` in FILE.
 //!
 //! Needs LocalStack on 127.0.0.1:4566 for sqs and sns (`localstack/start`) and
-//! `target/release/servicebus-emulator` for servicebus (built when missing).
+//! `target/release/servicebus-emulator` for servicebus (built when missing), and a Kafka
+//! broker at `KAFKA_BROKERS` (default 127.0.0.1:9092) for kafka (`kafka/start`).
 
 mod aws;
 mod cloud;
 mod harness;
+mod kafka;
 mod memory;
 mod plan;
 mod report;
@@ -35,10 +37,10 @@ use plan::{Job, Transport};
 use report::Row;
 
 const USAGE: &str = "\
-usage: cloudbus-bench [--transports memory,sqs,sns,servicebus] [--messages N] [--write FILE]
+usage: cloudbus-bench [--transports memory,sqs,sns,servicebus,kafka] [--messages N] [--write FILE]
                       [--scenarios NAME,...] [--rounds R]
 
-  --transports  transports to run, in order (default: all four)
+  --transports  transports to run, in order (default: all five)
   --messages    messages per scenario (default 20000; single-send cloud baselines use N/4)
   --rounds      run each transport's scenarios this many times in turn (default 3)
   --write       put the results between <!-- bench:start --> and <!-- bench:end --> in FILE
@@ -197,6 +199,7 @@ async fn run_scenario(job: &Job) -> Result<Report> {
         (Transport::Memory, _) => memory::run(job).await,
         (Transport::Sqs | Transport::Sns, _) => aws::run(job).await,
         (Transport::ServiceBus, _) => servicebus::run(job).await,
+        (Transport::Kafka, _) => kafka::run(job).await,
     }
 }
 
@@ -254,6 +257,10 @@ async fn run_all(args: Args) -> Result<bool> {
             Transport::Memory => None,
             Transport::Sqs | Transport::Sns => {
                 aws::check_localstack().await?;
+                None
+            }
+            Transport::Kafka => {
+                kafka::check_broker().await?;
                 None
             }
             Transport::ServiceBus => {
@@ -321,6 +328,7 @@ async fn run_job(job: &Job, connection_string: Option<&str>) -> Result<Report> {
         (Transport::ServiceBus, Some(connection_string)) => {
             servicebus::prepare(job, connection_string).await
         }
+        (Transport::Kafka, _) => kafka::prepare(job).await,
         _ => Ok(()),
     }
     .context("set-up")?;

@@ -14,14 +14,16 @@ pub enum Transport {
     Sqs,
     Sns,
     ServiceBus,
+    Kafka,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 4] = [
+    pub const ALL: [Transport; 5] = [
         Transport::Memory,
         Transport::Sqs,
         Transport::Sns,
         Transport::ServiceBus,
+        Transport::Kafka,
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,13 +32,14 @@ impl Transport {
             Transport::Sqs => "sqs",
             Transport::Sns => "sns",
             Transport::ServiceBus => "servicebus",
+            Transport::Kafka => "kafka",
         }
     }
 
     pub fn parse(name: &str) -> Result<Self> {
         match Transport::ALL.into_iter().find(|t| t.name() == name) {
             Some(transport) => Ok(transport),
-            None => bail!("unknown transport `{name}`: use memory, sqs, sns or servicebus"),
+            None => bail!("unknown transport `{name}`: use memory, sqs, sns, servicebus or kafka"),
         }
     }
 
@@ -56,6 +59,16 @@ impl Transport {
                 "cloudbus-consume",
                 "omniqueue-consume",
                 "cloudbus-drain-100k",
+            ],
+            Transport::Kafka => &[
+                "raw-single",
+                "raw-batch",
+                "cloudbus-publish",
+                "cloudbus-publish-batch",
+                "raw-consume",
+                "cloudbus-receive",
+                "raw-consume-tasks",
+                "cloudbus-consume",
             ],
             Transport::Memory | Transport::Sns | Transport::ServiceBus => &[
                 "raw-single",
@@ -83,7 +96,11 @@ impl Transport {
 
 /// True for scenarios timed on a pre-filled backlog.
 pub fn is_consume(scenario: &str) -> bool {
-    scenario.ends_with("consume") || scenario == "cloudbus-drain-100k"
+    scenario.ends_with("consume")
+        || matches!(
+            scenario,
+            "cloudbus-drain-100k" | "cloudbus-receive" | "raw-consume-tasks"
+        )
 }
 
 /// One scenario on one transport, with its own entities.
@@ -107,7 +124,9 @@ impl Job {
             "latency" => LATENCY_CALLS,
             "cloudbus-drain-100k" => DRAIN_MESSAGES,
             // One call per message against a remote broker is slow: a quarter keeps the run short.
-            _ if single_send && transport != Transport::Memory => (n / 4).max(1),
+            _ if single_send && !matches!(transport, Transport::Memory | Transport::Kafka) => {
+                (n / 4).max(1)
+            }
             _ => n,
         };
         let entity = format!("cbb-{run_id}-{}-{scenario}", transport.name());

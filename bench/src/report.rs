@@ -62,7 +62,9 @@ fn baselines(scenario: &str) -> &'static [&'static str] {
         ],
         "omniqueue" => &["raw-batch", "raw-single"],
         "cloudbus-publish-batch" => &["raw-batch", "raw-batch-envelope"],
-        "cloudbus-consume" | "omniqueue-consume" | "cloudbus-drain-100k" => &["raw-consume"],
+        "cloudbus-consume" => &["raw-consume-tasks", "raw-consume"],
+        "omniqueue-consume" | "cloudbus-drain-100k" => &["raw-consume"],
+        "cloudbus-receive" => &["raw-consume"],
         _ => &[],
     }
 }
@@ -196,8 +198,13 @@ broker does the same work per message as for cloudbus: the ratio to it isolates 
 - **latency**: sequential calls alternating raw SendMessage and cloudbus `publish()` \
 (`batching=false`), after 20 warm-up calls each.
 - **raw-consume**: N pre-filled (untimed), 8 tasks each ReceiveMessage(10, wait 1 s) + DeleteMessageBatch \
-(Service Bus: peek-lock `receive_messages` of 10 with 1 s wait, `complete_message` each; memory: one loop on the channel); \
-SNS: the queue subscribed to the topic (raw delivery). Time until the N-th is settled.
+(Service Bus: peek-lock `receive_messages` of 10 with 1 s wait, `complete_message` each; memory: one loop on the channel; \
+Kafka: one rdkafka `StreamConsumer` loop reading each record and storing its offset for the next auto-commit, every second); \
+SNS: the queue subscribed to the topic (raw delivery). Time until the N-th is settled. \
+**raw-consume-tasks** (Kafka): the same consumer, each record handled in a task of its own, 80 at a time \
+(what the `Consumer` does), storing its offset when done. Kafka consume scenarios are timed from their first record: \
+a new group's first assignment takes about half its session timeout on the test broker (the note gives it).
+- **cloudbus-receive** (Kafka): the subscriber alone in the raw loop's shape: one task receiving 10 and acking each.
 - **cloudbus-consume**: `Consumer` with concurrency 80, receive wait 1 s, a handler that acks \
 (Service Bus: a subscriber with `receivers=8`, as many connections as the raw loop's clients); \
 time until the N-th is handled. **cloudbus-drain-100k**: the same on a 100,000-message backlog.
