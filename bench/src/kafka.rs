@@ -13,6 +13,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -61,10 +62,7 @@ fn producer() -> Result<FutureProducer> {
 
 /// The parent's set-up: the job's topic, and for the consume scenarios its backlog.
 pub async fn prepare(job: &Job) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .context("creating the admin client")?;
+    let admin = admin()?;
     let topic = NewTopic::new(&job.entity, PARTITIONS, TopicReplication::Fixed(-1));
     for outcome in admin
         .create_topics(&[topic], &AdminOptions::new())
@@ -84,6 +82,32 @@ pub async fn prepare(job: &Job) -> Result<()> {
         harness::publish::<ProducerSink>(sinks, job.messages, BATCH).await?;
     }
     Ok(())
+}
+
+/// Deletes the job's topic and the dead-letter topic its subscriber made (untimed): the
+/// test broker keeps every record in memory.
+pub async fn clean_up(job: &Job) -> Result<()> {
+    let admin = admin()?;
+    let dead_letters = format!("{}.{GROUP}.dlq", job.entity);
+    let topics = [job.entity.as_str(), dead_letters.as_str()];
+    for outcome in admin
+        .delete_topics(&topics, &AdminOptions::new())
+        .await
+        .context("deleting the topics")?
+    {
+        match outcome {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => bail!("deleting {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+fn admin() -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .context("creating the admin client")
 }
 
 pub async fn run(job: &Job) -> Result<Report> {

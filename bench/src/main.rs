@@ -41,7 +41,8 @@ usage: cloudbus-bench [--transports memory,sqs,sns,servicebus,kafka] [--messages
                       [--scenarios NAME,...] [--rounds R]
 
   --transports  transports to run, in order (default: all five)
-  --messages    messages per scenario (default 20000; single-send cloud baselines use N/4)
+  --messages    messages per scenario (default 20000; single-send cloud baselines use N/4,
+                Kafka 10 N)
   --rounds      run each transport's scenarios this many times in turn (default 3)
   --write       put the results between <!-- bench:start --> and <!-- bench:end --> in FILE
   --scenarios   run only these scenarios (e.g. raw-batch,cloudbus-publish)";
@@ -364,8 +365,10 @@ async fn run_job(job: &Job, connection_string: Option<&str>) -> Result<Report> {
             )
         })?;
     let report: Report = serde_json::from_str(line).context("reading the scenario's report")?;
-    if matches!(job.transport, Transport::Sqs | Transport::Sns) {
-        aws::clean_up(job).await.context("clean-up")?;
+    match job.transport {
+        Transport::Sqs | Transport::Sns => aws::clean_up(job).await.context("clean-up")?,
+        Transport::Kafka => kafka::clean_up(job).await.context("clean-up")?,
+        Transport::Memory | Transport::ServiceBus => {}
     }
     match report.error {
         Some(error) => Err(anyhow!(error)),

@@ -7,6 +7,8 @@ pub const LATENCY_CALLS: usize = 300;
 pub const LATENCY_WARMUP: usize = 20;
 /// Backlog of the drain scenario.
 pub const DRAIN_MESSAGES: usize = 100_000;
+/// Kafka scenarios run this many times `--messages`.
+pub const KAFKA_SCALE: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -124,9 +126,9 @@ impl Job {
             "latency" => LATENCY_CALLS,
             "cloudbus-drain-100k" => DRAIN_MESSAGES,
             // One call per message against a remote broker is slow: a quarter keeps the run short.
-            _ if single_send && !matches!(transport, Transport::Memory | Transport::Kafka) => {
-                (n / 4).max(1)
-            }
+            // Kafka moves N in a fraction of a second; ten times as many keep it measurable.
+            _ if transport == Transport::Kafka => n * KAFKA_SCALE,
+            _ if single_send && transport != Transport::Memory => (n / 4).max(1),
             _ => n,
         };
         let entity = format!("cbb-{run_id}-{}-{scenario}", transport.name());

@@ -186,8 +186,11 @@ const LEGEND: &str = "\
 SNS Publish / PublishBatch(10), azservicebus `send_message` / a 10-message `ServiceBusMessageBatch` \
 (each task with a client of its own, on a current-thread runtime as cloudbus runs it: fe2o3-amqp \
 loses settlements on a multi-threaded one); \
-memory: a bounded `tokio::sync::mpsc` channel of the bodies (raw-batch: of 10-body vectors). \
-Single-message runs on cloud transports send N/4. **raw-batch-envelope** (SQS): raw-batch with one \
+memory: a bounded `tokio::sync::mpsc` channel of the bodies (raw-batch: of 10-body vectors); \
+Kafka: an idempotent rdkafka `FutureProducer` (`acks=all`, `linger.ms=1`, as cloudbus's), each task \
+sending one record (or 10) and awaiting its acknowledgement. \
+Single-message runs on SQS, SNS and Service Bus send N/4; every Kafka scenario moves 10 N \
+(N would take a fraction of a second), and the parent deletes its topics after it. **raw-batch-envelope** (SQS): raw-batch with one \
 string attribute per message the size of cloudbus's envelope (`cloudbus` = `{\"id\":\"<uuid>\"}`), so the \
 broker does the same work per message as for cloudbus: the ratio to it isolates the batching. \
 **raw-batch-envelope-serial** (SQS): the same from one task, one call at a time: the calls 16 \
