@@ -677,10 +677,17 @@ pub async fn consumer_shutdown_lets_in_flight_handlers_finish(harness: &impl Har
     let summary = running.stop().await;
     let after = lock(&after).clone();
     let started = lock(&started).clone();
+    let raised = harness.features().close_may_raise_counts;
+    if raised {
+        eprintln!(
+            "declared: a message on its way to the closed subscriber may come back with a \
+             raised count; checking only that none of them was handled before"
+        );
+    }
     assert!(
         after
             .iter()
-            .all(|(id, count)| *count == 1 && !started.contains(id)),
+            .all(|(id, count)| (raised || *count == 1) && !started.contains(id)),
         "after restart only messages never delivered before may arrive: {after:?}"
     );
     let all: HashSet<String> = started

@@ -78,6 +78,12 @@ pub struct Features {
     /// no lock expiry, no crash), as SQS's at-least-once delivery may. With `false`, the
     /// consumer suite asserts no duplicates where nothing failed.
     pub spurious_redeliveries: bool,
+    /// Whether a message that was on its way to a subscriber when it closed may come back
+    /// with its delivery count raised although no handler saw it. RabbitMQ's quorum queues
+    /// count every return, and a message the broker sends just before it takes a consumer's
+    /// cancellation reaches no one and returns with the channel. With `true`, the shutdown
+    /// cases check that such a message was never handled, not that its count is 1.
+    pub close_may_raise_counts: bool,
 }
 
 impl Default for Features {
@@ -92,6 +98,7 @@ impl Default for Features {
             replay: Support::Yes,
             competing_subscribers: Support::Yes,
             spurious_redeliveries: true,
+            close_may_raise_counts: false,
         }
     }
 }
