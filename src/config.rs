@@ -199,6 +199,8 @@ transports! {
     ServiceBus(cloudbus_azure::ServiceBusConfig) = "servicebus", feature "azure";
     /// Kafka (`kafka://`): Amazon MSK, Azure Event Hubs, Confluent, self-hosted; feature `kafka`.
     Kafka(cloudbus_kafka::KafkaConfig) = "kafka", feature "kafka";
+    /// RabbitMQ (`rabbitmq://`): Amazon MQ for RabbitMQ, self-hosted; feature `rabbitmq`.
+    RabbitMq(cloudbus_rabbitmq::RabbitMqConfig) = "rabbitmq", feature "rabbitmq";
 }
 
 /// The error for a scheme this build cannot use: unknown, or its feature is off.

@@ -1,7 +1,7 @@
 //! # cloudbus
 //!
 //! One [`Publisher`] / [`Subscriber`] API over Amazon SQS, Amazon SNS (fanning out to SQS
-//! queues), Azure Service Bus, Kafka, and an in-process broker. A URL or a [`Config`] decides
+//! queues), Azure Service Bus, Kafka, RabbitMQ, and an in-process broker. A URL or a [`Config`] decides
 //! which: switching clouds is a configuration change, not a rewrite.
 //!
 //! ## Quick start
@@ -48,6 +48,7 @@
 //! - `aws`: `sqs://` and `sns://` ([`aws`], the `cloudbus-aws` crate).
 //! - `azure`: `servicebus://` ([`azure`], the `cloudbus-azure` crate).
 //! - `kafka`: `kafka://` ([`kafka`], the `cloudbus-kafka` crate).
+//! - `rabbitmq`: `rabbitmq://` ([`rabbitmq`], the `cloudbus-rabbitmq` crate).
 //!
 //! The conformance suite every transport passes is the `cloudbus-testkit` crate.
 
@@ -69,6 +70,9 @@ pub use cloudbus_core::{
 /// Kafka: the `cloudbus-kafka` crate (feature `kafka`).
 #[cfg(feature = "kafka")]
 pub use cloudbus_kafka as kafka;
+/// RabbitMQ: the `cloudbus-rabbitmq` crate (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use cloudbus_rabbitmq as rabbitmq;
 pub use config::{Config, IntoConfig};
 pub use connect::{connect_publisher, connect_subscriber};
 
