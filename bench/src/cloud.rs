@@ -48,6 +48,8 @@ pub fn url(job: &Job, receive: bool) -> String {
             crate::kafka::brokers()
         ),
         Transport::Kafka => format!("kafka://{}?brokers={}", job.entity, crate::kafka::brokers()),
+        // The server comes from RABBITMQ_URL, in the parent and here alike.
+        Transport::RabbitMq => format!("rabbitmq://{}?create=true", job.entity),
     }
 }
 

@@ -2,7 +2,7 @@
 //! omniqueue on SQS), in the same run:
 //!
 //! ```text
-//! cargo run --release -p cloudbus-bench -- [--transports memory,sqs,sns,servicebus,kafka] [--messages N] [--write BENCHMARKS.md]
+//! cargo run --release -p cloudbus-bench -- [--transports memory,sqs,sns,servicebus,kafka,rabbitmq] [--messages N] [--write BENCHMARKS.md]
 //! ```
 //!
 //! Each scenario runs in a child process of its own (this executable with `--scenario`),
@@ -12,8 +12,9 @@
 //! `<!-- bench:start -->` and `<!-- bench:end -->` in FILE.
 //!
 //! Needs LocalStack on 127.0.0.1:4566 for sqs and sns (`localstack/start`) and
-//! `target/release/servicebus-emulator` for servicebus (built when missing), and a Kafka
-//! broker at `KAFKA_BROKERS` (default 127.0.0.1:9092) for kafka (`kafka/start`).
+//! `target/release/servicebus-emulator` for servicebus (built when missing), a Kafka
+//! broker at `KAFKA_BROKERS` (default 127.0.0.1:9092) for kafka (`kafka/start`), and a
+//! RabbitMQ node at `RABBITMQ_URL` for rabbitmq (`export "$(rabbitmq/start --print)"`).
 
 mod aws;
 mod cloud;
@@ -21,6 +22,7 @@ mod harness;
 mod kafka;
 mod memory;
 mod plan;
+mod rabbitmq;
 mod report;
 mod servicebus;
 
@@ -37,12 +39,12 @@ use plan::{Job, Transport};
 use report::Row;
 
 const USAGE: &str = "\
-usage: cloudbus-bench [--transports memory,sqs,sns,servicebus,kafka] [--messages N] [--write FILE]
-                      [--scenarios NAME,...] [--rounds R]
+usage: cloudbus-bench [--transports memory,sqs,sns,servicebus,kafka,rabbitmq] [--messages N]
+                      [--write FILE] [--scenarios NAME,...] [--rounds R]
 
-  --transports  transports to run, in order (default: all five)
+  --transports  transports to run, in order (default: all six)
   --messages    messages per scenario (default 20000; single-send cloud baselines use N/4,
-                Kafka 10 N)
+                Kafka 10 N, RabbitMQ 2 N)
   --rounds      run each transport's scenarios this many times in turn (default 3)
   --write       put the results between <!-- bench:start --> and <!-- bench:end --> in FILE
   --scenarios   run only these scenarios (e.g. raw-batch,cloudbus-publish)";
@@ -201,6 +203,7 @@ async fn run_scenario(job: &Job) -> Result<Report> {
         (Transport::Sqs | Transport::Sns, _) => aws::run(job).await,
         (Transport::ServiceBus, _) => servicebus::run(job).await,
         (Transport::Kafka, _) => kafka::run(job).await,
+        (Transport::RabbitMq, _) => rabbitmq::run(job).await,
     }
 }
 
@@ -262,6 +265,10 @@ async fn run_all(args: Args) -> Result<bool> {
             }
             Transport::Kafka => {
                 kafka::check_broker().await?;
+                None
+            }
+            Transport::RabbitMq => {
+                rabbitmq::check_broker().await?;
                 None
             }
             Transport::ServiceBus => {
@@ -330,6 +337,7 @@ async fn run_job(job: &Job, connection_string: Option<&str>) -> Result<Report> {
             servicebus::prepare(job, connection_string).await
         }
         (Transport::Kafka, _) => kafka::prepare(job).await,
+        (Transport::RabbitMq, _) => rabbitmq::prepare(job).await,
         _ => Ok(()),
     }
     .context("set-up")?;
@@ -368,6 +376,7 @@ async fn run_job(job: &Job, connection_string: Option<&str>) -> Result<Report> {
     match job.transport {
         Transport::Sqs | Transport::Sns => aws::clean_up(job).await.context("clean-up")?,
         Transport::Kafka => kafka::clean_up(job).await.context("clean-up")?,
+        Transport::RabbitMq => rabbitmq::clean_up(job).await.context("clean-up")?,
         Transport::Memory | Transport::ServiceBus => {}
     }
     match report.error {

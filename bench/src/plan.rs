@@ -9,6 +9,8 @@ pub const LATENCY_WARMUP: usize = 20;
 pub const DRAIN_MESSAGES: usize = 100_000;
 /// Kafka scenarios run this many times `--messages`.
 pub const KAFKA_SCALE: usize = 10;
+/// RabbitMQ scenarios run this many times `--messages`.
+pub const RABBITMQ_SCALE: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -17,15 +19,17 @@ pub enum Transport {
     Sns,
     ServiceBus,
     Kafka,
+    RabbitMq,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 5] = [
+    pub const ALL: [Transport; 6] = [
         Transport::Memory,
         Transport::Sqs,
         Transport::Sns,
         Transport::ServiceBus,
         Transport::Kafka,
+        Transport::RabbitMq,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,13 +39,16 @@ impl Transport {
             Transport::Sns => "sns",
             Transport::ServiceBus => "servicebus",
             Transport::Kafka => "kafka",
+            Transport::RabbitMq => "rabbitmq",
         }
     }
 
     pub fn parse(name: &str) -> Result<Self> {
         match Transport::ALL.into_iter().find(|t| t.name() == name) {
             Some(transport) => Ok(transport),
-            None => bail!("unknown transport `{name}`: use memory, sqs, sns, servicebus or kafka"),
+            None => bail!(
+                "unknown transport `{name}`: use memory, sqs, sns, servicebus, kafka or rabbitmq"
+            ),
         }
     }
 
@@ -62,7 +69,7 @@ impl Transport {
                 "omniqueue-consume",
                 "cloudbus-drain-100k",
             ],
-            Transport::Kafka => &[
+            Transport::Kafka | Transport::RabbitMq => &[
                 "raw-single",
                 "raw-batch",
                 "cloudbus-publish",
@@ -128,6 +135,9 @@ impl Job {
             // One call per message against a remote broker is slow: a quarter keeps the run short.
             // Kafka moves N in a fraction of a second; ten times as many keep it measurable.
             _ if transport == Transport::Kafka => n * KAFKA_SCALE,
+            // RabbitMQ confirms 6,000 single publishes (16 in flight) to 18,000 batched ones
+            // a second here: twice N takes a few seconds, single sends included.
+            _ if transport == Transport::RabbitMq => n * RABBITMQ_SCALE,
             _ if single_send && transport != Transport::Memory => (n / 4).max(1),
             _ => n,
         };

@@ -188,9 +188,15 @@ SNS Publish / PublishBatch(10), azservicebus `send_message` / a 10-message `Serv
 loses settlements on a multi-threaded one); \
 memory: a bounded `tokio::sync::mpsc` channel of the bodies (raw-batch: of 10-body vectors); \
 Kafka: an idempotent rdkafka `FutureProducer` (`acks=all`, `linger.ms=1`, as cloudbus's), each task \
-sending one record (or 10) and awaiting its acknowledgement. \
+sending one record (or 10) and awaiting its acknowledgement; \
+RabbitMQ: lapin on one confirm-mode channel shared by the 16 tasks, each publishing one persistent, \
+mandatory message (or 10 at once) to the queue and awaiting its confirm (or the 10 together), the work of cloudbus's \
+`publish()` (`publish_batch()`). \
 Single-message runs on SQS, SNS and Service Bus send N/4; every Kafka scenario moves 10 N \
-(N would take a fraction of a second), and the parent deletes its topics after it. **raw-batch-envelope** (SQS): raw-batch with one \
+(N would take a fraction of a second), and the parent deletes its topics after it; every RabbitMQ \
+scenario moves 2 N (N takes about a second for the batched and 80-task ones), on a durable quorum queue (the cloudbus scenarios' declared by cloudbus with \
+`create=true`, with its delivery limit and `<queue>.dlq`; the raw ones' a plain quorum queue) \
+that the parent deletes after it. **raw-batch-envelope** (SQS): raw-batch with one \
 string attribute per message the size of cloudbus's envelope (`cloudbus` = `{\"id\":\"<uuid>\"}`), so the \
 broker does the same work per message as for cloudbus: the ratio to it isolates the batching. \
 **raw-batch-envelope-serial** (SQS): the same from one task, one call at a time: the calls 16 \
@@ -202,12 +208,13 @@ broker does the same work per message as for cloudbus: the ratio to it isolates 
 (`batching=false`), after 20 warm-up calls each.
 - **raw-consume**: N pre-filled (untimed), 8 tasks each ReceiveMessage(10, wait 1 s) + DeleteMessageBatch \
 (Service Bus: peek-lock `receive_messages` of 10 with 1 s wait, `complete_message` each; memory: one loop on the channel; \
-Kafka: one rdkafka `StreamConsumer` loop reading each record and storing its offset for the next auto-commit, every second); \
+Kafka: one rdkafka `StreamConsumer` loop reading each record and storing its offset for the next auto-commit, every second; \
+RabbitMQ: one lapin consumer with prefetch 10 taking up to 10 deliveries and acking each, the window of cloudbus's `receive(10)`); \
 SNS: the queue subscribed to the topic (raw delivery). Time until the N-th is settled. \
-**raw-consume-tasks** (Kafka): the same consumer, each record handled in a task of its own, 80 at a time \
-(what the `Consumer` does), storing its offset when done. Kafka consume scenarios are timed from their first record: \
+**raw-consume-tasks** (Kafka, RabbitMQ): the same consumer, each record handled in a task of its own, 80 at a time \
+(what the `Consumer` does), storing its offset (RabbitMQ: acking the delivery, prefetch 80) when done. Kafka consume scenarios are timed from their first record: \
 a new group's first assignment takes about half its session timeout on the test broker (the note gives it).
-- **cloudbus-receive** (Kafka): the subscriber alone in the raw loop's shape: one task receiving 10 and acking each.
+- **cloudbus-receive** (Kafka, RabbitMQ): the subscriber alone in the raw loop's shape: one task receiving 10 and acking each.
 - **cloudbus-consume**: `Consumer` with concurrency 80, receive wait 1 s, a handler that acks \
 (Service Bus: a subscriber with `receivers=8`, as many connections as the raw loop's clients); \
 time until the N-th is handled. **cloudbus-drain-100k**: the same on a 100,000-message backlog.
