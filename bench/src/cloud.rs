@@ -48,8 +48,17 @@ pub fn url(job: &Job, receive: bool) -> String {
             crate::kafka::brokers()
         ),
         Transport::Kafka => format!("kafka://{}?brokers={}", job.entity, crate::kafka::brokers()),
-        // The server comes from RABBITMQ_URL, in the parent and here alike.
-        Transport::RabbitMq => format!("rabbitmq://{}?create=true", job.entity),
+        // The server comes from RABBITMQ_URL, in the parent and here alike. The window is
+        // the raw baseline's prefetch: the Consumer's concurrency, or 10 for receive(10).
+        Transport::RabbitMq => format!(
+            "rabbitmq://{}?create=true&prefetch={}",
+            job.entity,
+            if job.scenario == "cloudbus-receive" {
+                10
+            } else {
+                CONCURRENCY
+            }
+        ),
     }
 }
 

@@ -194,9 +194,11 @@ mandatory message (or 10 at once) to the queue and awaiting its confirm (or the 
 `publish()` (`publish_batch()`). \
 Single-message runs on SQS, SNS and Service Bus send N/4; every Kafka scenario moves 10 N \
 (N would take a fraction of a second), and the parent deletes its topics after it; every RabbitMQ \
-scenario moves 2 N (N takes about a second for the batched and 80-task ones), on a durable quorum queue (the cloudbus scenarios' declared by cloudbus with \
-`create=true`, with its delivery limit and `<queue>.dlq`; the raw ones' a plain quorum queue) \
-that the parent deletes after it. **raw-batch-envelope** (SQS): raw-batch with one \
+scenario moves 2 N (N takes about a second for the batched and 80-task ones), on a durable quorum queue declared \
+as cloudbus declares it (`create=true`: its delivery limit and `<queue>.dlq`) for raw and cloudbus scenarios alike, \
+that the parent deletes after it; cloudbus's subscribers run with the raw consumer's window as `prefetch` (80; 10 for cloudbus-receive) (with the \
+default 0 the window grows with what receive calls ask for, in several consumers, which costs the broker more: \
+0.66x raw-consume-tasks in one run). **raw-batch-envelope** (SQS): raw-batch with one \
 string attribute per message the size of cloudbus's envelope (`cloudbus` = `{\"id\":\"<uuid>\"}`), so the \
 broker does the same work per message as for cloudbus: the ratio to it isolates the batching. \
 **raw-batch-envelope-serial** (SQS): the same from one task, one call at a time: the calls 16 \

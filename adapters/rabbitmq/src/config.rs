@@ -66,11 +66,12 @@ pub struct RabbitMqConfig {
     /// Largest message in bytes (body and headers). Default 16 MiB (RabbitMQ 4's default
     /// `max_message_size`).
     pub max_message_size: usize,
-    /// Messages the broker may send ahead of what receive calls ask for. The subscriber
-    /// widens the broker's window (`basic.qos`) as receive calls ask for more than it
-    /// holds, so a consumer gets messages only for its free handler slots and leaves the
-    /// rest in the queue for others; `prefetch` adds this many on top (faster when handlers
-    /// are quick, less fair to competing subscribers). Default 0.
+    /// The smallest window of unacknowledged messages the broker may send this subscriber
+    /// (`basic.qos`). Beyond it, the subscriber widens the window as receive calls ask for
+    /// more than it holds, so with the default 0 a consumer gets messages only for its free
+    /// handler slots and leaves the rest in the queue for others. Set it to the consumer's
+    /// concurrency for throughput: the window is then one consumer from the start (each
+    /// further consumer on a channel costs the broker work per message). Default 0.
     pub prefetch: u16,
     /// Most messages a subscriber holds unsettled (handed out, or sent ahead and waiting),
     /// whatever receive calls ask for. Default 10,000.

@@ -9,9 +9,10 @@
 //! The broker sends a consumer at most its prefetch count of unacknowledged messages
 //! (`basic.qos`), a count that cannot change once the consumer runs. The subscriber starts
 //! with none, and when a receive call asks for more than the window has room for, it adds
-//! a consumer on the channel whose prefetch is the shortfall (plus `prefetch`): the window
+//! a consumer on the channel for the shortfall (at least doubling the window): the window
 //! follows the free slots receive calls ask for, and what a busy consumer has no slot for
-//! stays in the queue for the others. Each acknowledgement frees a place that the broker
+//! stays in the queue for the others. With `prefetch`, the window is at least that from
+//! the first receive on: one consumer, as fast as a hand-written loop with that prefetch. Each acknowledgement frees a place that the broker
 //! fills again.
 //!
 //! When the connection or channel drops, the subscriber connects again with backoff,
@@ -243,17 +244,20 @@ impl Shared {
         let (generation, channel, shortfall) = {
             let state = lock(&self.state);
             let held = state.locks.len() + state.waiting.len();
-            let free = state.window.saturating_sub(held);
             let Some((_, channel)) = state.link.as_ref() else {
                 return Ok(());
             };
-            if free >= want {
+            // The window must cover what the subscriber holds and what is asked, and is at
+            // least `prefetch`.
+            let target = (held + want).max(usize::from(self.config.prefetch));
+            if state.window >= target {
                 return Ok(());
             }
             // At least double the window: a consumer that keeps asking for more gets it in
             // a few large steps (each consumer on the channel costs the broker work per
             // message), not in many small ones.
-            let shortfall = ((want - free).max(state.window) + usize::from(self.config.prefetch))
+            let shortfall = (target - state.window)
+                .max(state.window)
                 .min(self.config.max_held.saturating_sub(state.window))
                 .min(usize::from(u16::MAX));
             (state.generation, channel.clone(), shortfall)
@@ -626,7 +630,8 @@ impl Subscriber for RabbitMqSubscriber {
                     state.locks.insert(raw.delivery_tag, until);
                 }
                 let held = state.locks.len() + state.waiting.len();
-                let narrow = state.window.saturating_sub(held) < max && state.link.is_some();
+                let narrow = state.window < (held + max).max(usize::from(shared.config.prefetch))
+                    && state.link.is_some();
                 (state.generation, taken, narrow)
             };
             let mut deliveries = Vec::with_capacity(taken.len());

@@ -10,6 +10,7 @@
 mod harness;
 mod interop;
 mod recovery;
+mod window;
 
 mod queue {
     cloudbus_testkit::conformance_tests!(crate::harness::RabbitMqHarness::queue());
