@@ -35,6 +35,17 @@ pub use consumer::*;
 pub use memory::MemoryHarness;
 
 pub use cloudbus_core::driver::Connect;
+
+/// Logs to stderr when `RUST_LOG` is set (`RUST_LOG=cloudbus_rabbitmq=debug`), for looking
+/// into a failing test; harnesses call it when they build a config. Later calls do nothing.
+pub fn log_to_stderr() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
 use cloudbus_core::{Error, Publisher, Result, Subscriber};
 
 /// Whether a transport supports a feature.

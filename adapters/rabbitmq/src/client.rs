@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::TRANSPORT;
 use crate::config::RabbitMqConfig;
 use crate::error::{Subject, is_connection_failure, map_error};
+use crate::topology::{Target, bind_delay_target, declare_delays};
 
 /// First pause after a failed connection attempt; it doubles up to [`MAX_BACKOFF`].
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -129,6 +130,8 @@ pub(crate) struct Sender {
     link: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     timeout: Duration,
     closed: std::sync::atomic::AtomicBool,
+    /// Set once the delay queues and this sender's delay binding are declared.
+    delays: tokio::sync::OnceCell<()>,
 }
 
 /// Where a message goes: an exchange and a routing key.
@@ -156,12 +159,21 @@ impl Sender {
             link: tokio::sync::Mutex::new(None),
             timeout,
             closed: std::sync::atomic::AtomicBool::new(false),
+            delays: tokio::sync::OnceCell::new(),
         }
     }
 
-    /// How long a send may take.
-    pub(crate) fn timeout(&self) -> Duration {
-        self.timeout
+    /// The delay queues, and the binding that delivers delayed messages to the entity
+    /// `name` of `kind`: declared at the first delayed message. A sender serves one entity.
+    pub(crate) async fn ensure_delays(&self, kind: Target, name: &str) -> Result<()> {
+        self.delays
+            .get_or_try_init(|| async {
+                let channel = self.open(Instant::now() + self.timeout).await?;
+                declare_delays(&channel).await?;
+                bind_delay_target(&channel, kind, name).await
+            })
+            .await
+            .map(|_| ())
     }
 
     /// The channel, connecting (with backoff, until `deadline`) if there is none or it died.
@@ -270,16 +282,42 @@ impl Sender {
             .store(true, std::sync::atomic::Ordering::Release);
         if let Some((connection, channel)) = link.take() {
             let _ = tokio::time::timeout(self.timeout, channel.wait_for_confirms()).await;
-            let _ = connection.close(200, "closed".into()).await;
+            close_connection(connection, "closed").await;
         }
     }
 }
 
+/// How long closing a connection may wait for the broker's answer; a half-open connection
+/// never answers.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a connection, waiting for the broker's answer up to [`CLOSE_TIMEOUT`].
+pub(crate) async fn close_connection(connection: Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, reason.into())).await;
+}
+
 /// Closes a connection that is no longer used, without waiting.
 pub(crate) fn close_in_background(connection: Connection) {
-    tokio::spawn(async move {
-        let _ = connection.close(200, "reconnecting".into()).await;
-    });
+    tokio::spawn(close_connection(connection, "reconnecting"));
+}
+
+/// `work` (broker calls on a new channel), failing with a transient error at `deadline`:
+/// a broker that accepted the connection and then went silent must not hang the caller.
+pub(crate) async fn by_deadline<T>(
+    deadline: Instant,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::transport(
+                TRANSPORT,
+                format!("{what}: the broker did not answer in time"),
+                true,
+                None,
+            ))
+        })
 }
 
 async fn publish_once(

@@ -8,17 +8,13 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use cloudbus_core::{Destination, Error, Message, Result};
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::TRANSPORT;
-use crate::client::{Route, Sender, Server};
+use crate::client::{Route, Sender, Server, by_deadline, close_connection};
 use crate::config::RabbitMqConfig;
 use crate::mapping::{DELAY_TARGET, encode, long_string};
-use crate::topology::{
-    Target, bind_delay_target, declare_delays, declare_queue, entry, exchange_exists, queue_exists,
-    target,
-};
+use crate::topology::{Target, declare_queue, entry, exchange_exists, queue_exists, target};
 
 /// Publishes to a RabbitMQ queue (through the default exchange) or exchange.
 pub struct RabbitMqPublisher {
@@ -26,7 +22,6 @@ pub struct RabbitMqPublisher {
     name: String,
     kind: Target,
     max_message_size: usize,
-    delays: OnceCell<()>,
     closed: AtomicBool,
 }
 
@@ -54,7 +49,7 @@ impl RabbitMqPublisher {
         let server = Arc::new(Server::new(config)?);
         let deadline = Instant::now() + config.publish_timeout;
         let (connection, channel) = server.channel_by(deadline).await?;
-        let found = async {
+        let found = by_deadline(deadline, "looking up the exchange or queue", async {
             if exchange_exists(&channel, &config.name).await? {
                 return Ok(Target::Exchange);
             }
@@ -68,9 +63,9 @@ impl RabbitMqPublisher {
                 queue_exists(&channel, &config.name).await?;
             }
             Ok::<_, Error>(Target::Queue)
-        }
+        })
         .await;
-        let _ = connection.close(200, "looked up".into()).await;
+        close_connection(connection, "looked up").await;
         let kind = found?;
         let sender = Sender::new(server, config.publish_timeout);
         sender.open(deadline).await?;
@@ -79,7 +74,6 @@ impl RabbitMqPublisher {
             name: config.name.clone(),
             kind,
             max_message_size: config.max_message_size,
-            delays: OnceCell::new(),
             closed: AtomicBool::new(false),
         })
     }
@@ -139,7 +133,7 @@ impl RabbitMqPublisher {
                     long_string(target(self.kind, &self.name)),
                 );
                 let properties = out.properties.with_headers(headers);
-                self.delays().await?;
+                self.sender.ensure_delays(self.kind, &self.name).await?;
                 let route = Route {
                     exchange: &exchange,
                     routing_key: &routing_key,
@@ -148,22 +142,6 @@ impl RabbitMqPublisher {
             }
         }
         Ok(message.id.clone())
-    }
-
-    /// The delay queues, and the binding that delivers delayed messages here: declared at
-    /// the first delayed message.
-    async fn delays(&self) -> Result<()> {
-        self.delays
-            .get_or_try_init(|| async {
-                let channel = self
-                    .sender
-                    .open(Instant::now() + self.sender.timeout())
-                    .await?;
-                declare_delays(&channel).await?;
-                bind_delay_target(&channel, self.kind, &self.name).await
-            })
-            .await
-            .map(|_| ())
     }
 }
 

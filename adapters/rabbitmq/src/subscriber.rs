@@ -40,18 +40,21 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use tokio::sync::{Notify, OnceCell, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use crate::TRANSPORT;
-use crate::client::{MAX_BACKOFF, MIN_BACKOFF, Route, Sender, Server, close_in_background};
+use crate::client::{
+    MAX_BACKOFF, MIN_BACKOFF, Route, Sender, Server, by_deadline, close_connection,
+    close_in_background,
+};
 use crate::config::{RabbitMqConfig, dead_letter_queue};
 use crate::error::{Subject, is_connection_failure, map_error};
 use crate::mapping::{DELAY_TARGET, DELIVERIES, Decoded, copy, decode};
 use crate::topology::{
-    Target, bind, bind_delay_target, declare_dead_letter_queue, declare_delays, declare_exchange,
-    declare_queue, entry, queue_exists, target,
+    Target, bind, declare_dead_letter_queue, declare_exchange, declare_queue, entry, queue_exists,
+    target,
 };
 
 /// Longest sleep of the task that returns messages whose lock ran out: locks end at most
@@ -85,7 +88,6 @@ struct Shared {
     server: Arc<Server>,
     /// Copies: dead letters and delayed nacks.
     sender: Sender,
-    delays: OnceCell<()>,
     state: Mutex<State>,
     /// One widening of the window at a time.
     widening: tokio::sync::Mutex<()>,
@@ -136,7 +138,6 @@ impl RabbitMqSubscriber {
             config: config.clone(),
             sender: Sender::new(server.clone(), config.publish_timeout),
             server,
-            delays: OnceCell::new(),
             state: Mutex::new(State::default()),
             widening: tokio::sync::Mutex::new(()),
             arrived: Notify::new(),
@@ -166,11 +167,15 @@ impl RabbitMqSubscriber {
 pub async fn create_subscription(config: &RabbitMqConfig) -> Result<()> {
     config.check()?;
     let server = Server::new(config)?;
-    let (connection, channel) = server
-        .channel_by(Instant::now() + config.publish_timeout)
-        .await?;
-    let declared = declare(&channel, config).await;
-    let _ = connection.close(200, "declared".into()).await;
+    let deadline = Instant::now() + config.publish_timeout;
+    let (connection, channel) = server.channel_by(deadline).await?;
+    let declared = by_deadline(
+        deadline,
+        "declaring the subscription",
+        declare(&channel, config),
+    )
+    .await;
+    close_connection(connection, "declared").await;
     declared
 }
 
@@ -199,16 +204,14 @@ impl Shared {
     /// A new link: a connection and its channel, on which the queue exists (declared, with
     /// `create`).
     async fn establish(&self) -> Result<(Connection, Channel)> {
-        let (connection, channel) = self
-            .server
-            .channel_by(Instant::now() + self.config.publish_timeout)
-            .await?;
-        let consuming = async {
+        let deadline = Instant::now() + self.config.publish_timeout;
+        let (connection, channel) = self.server.channel_by(deadline).await?;
+        let consuming = by_deadline(deadline, "looking up the queue", async {
             if self.config.create {
                 declare(&channel, &self.config).await?;
             }
             queue_exists(&channel, &self.queue).await
-        };
+        });
         match consuming.await {
             Ok(()) => Ok((connection, channel)),
             Err(error) => {
@@ -364,22 +367,6 @@ impl Shared {
         (state.generation == generation)
             .then(|| state.link.as_ref().map(|(_, c)| c.clone()))
             .flatten()
-    }
-
-    /// The delay queues, and the binding that brings delayed copies back to this queue:
-    /// declared at the first delayed nack.
-    async fn delays(&self) -> Result<()> {
-        self.delays
-            .get_or_try_init(|| async {
-                let channel = self
-                    .sender
-                    .open(Instant::now() + self.sender.timeout())
-                    .await?;
-                declare_delays(&channel).await?;
-                bind_delay_target(&channel, Target::Queue, &self.queue).await
-            })
-            .await
-            .map(|_| ())
     }
 
     /// Puts a copy of a message into the dead-letter queue with the reason headers.
@@ -754,7 +741,6 @@ fn admit(shared: &Arc<Shared>, generation: u64, raw: Raw) -> Admitted {
         data,
         ..
     } = raw;
-    tracing::trace!(queue = %shared.queue, tag, redelivered, headers = ?properties.headers(), "received");
     let fallback = properties
         .message_id()
         .is_none()
@@ -893,7 +879,10 @@ impl Settle for RabbitSettle {
             let (exchange, routing_key) = match &delayed {
                 None => ("", self.shared.queue.as_str()),
                 Some((exchange, routing_key)) => {
-                    self.shared.delays().await?;
+                    self.shared
+                        .sender
+                        .ensure_delays(Target::Queue, &self.shared.queue)
+                        .await?;
                     extra.push((DELAY_TARGET, target(Target::Queue, &self.shared.queue)));
                     (exchange.as_str(), routing_key.as_str())
                 }

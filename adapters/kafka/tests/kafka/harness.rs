@@ -28,17 +28,6 @@ impl KafkaHarness {
     }
 }
 
-/// Logs to stderr when `RUST_LOG` is set (`RUST_LOG=cloudbus_kafka=debug`), for looking
-/// into a failing test.
-pub fn logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
-
 /// The brokers of the tests: `KAFKA_BROKERS`, else the default.
 pub fn brokers() -> String {
     std::env::var(cloudbus_kafka::BROKERS_ENV)
@@ -48,7 +37,7 @@ pub fn brokers() -> String {
 /// A config for the test broker; `session_timeout` short, as tansu's first assignment of a
 /// group takes about half of it.
 pub fn config(topic: &str) -> KafkaConfig {
-    logs();
+    cloudbus_testkit::log_to_stderr();
     let mut config = KafkaConfig::new(topic);
     config.session_timeout = Duration::from_secs(6);
     config

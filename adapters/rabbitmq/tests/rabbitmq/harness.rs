@@ -28,20 +28,9 @@ impl RabbitMqHarness {
     }
 }
 
-/// Logs to stderr when `RUST_LOG` is set (`RUST_LOG=cloudbus_rabbitmq=debug`), for looking
-/// into a failing test.
-pub fn logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-}
-
 /// A config for the test broker (`RABBITMQ_URL`).
 pub fn config(name: &str) -> RabbitMqConfig {
-    logs();
+    cloudbus_testkit::log_to_stderr();
     RabbitMqConfig::new(name)
 }
 

@@ -545,6 +545,23 @@ async fn a_publisher_on_a_half_open_connection_moves_to_a_new_one() {
     assert!(texts.iter().any(|t| t == "after"), "{texts:?}");
 }
 
+/// A publisher whose connection went half-open after its last publish closes without
+/// waiting for the broker's answer forever (lapin's close waits for `close-ok`, which a
+/// half-open connection never brings), and its messages were stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_publisher_on_a_half_open_connection_does_not_hang() {
+    let proxy = Proxy::start(upstream()).await;
+    let (queue, publisher) = publisher_through(&proxy).await;
+    proxy.freeze_existing();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), publisher.close())
+        .await
+        .expect("close hung on a half-open connection")
+        .expect("close");
+    eprintln!("closed in {:?}", started.elapsed());
+    assert_eq!(drain(&queue.name, "before").await, ["before"]);
+}
+
 /// The broker's `host:port`.
 fn upstream() -> String {
     let url = url::Url::parse(&broker()).expect("the broker's URI");
