@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use cloudbus_core::config::*;
 use cloudbus_core::driver::{Connect, TransportConfig};
 use cloudbus_core::memory::MemoryConfig;
-use cloudbus_core::{Error, Publisher, Result, Subscriber};
+use cloudbus_core::{Error, Inspector, Publisher, Result, Subscriber};
 
 /// The environment variable read by [`Config::from_env_or`].
 pub const URL_ENV: &str = "CLOUDBUS_URL";
@@ -113,6 +113,20 @@ macro_rules! transports {
                     $(
                         #[cfg(feature = $feature)]
                         Config::$variant(c) => c.dead_letter_queue().map(Config::from),
+                    )*
+                }
+            }
+
+            /// Where dead letters of this queue or subscription go back to, so that only it
+            /// gets them again: the queue itself, or the queue behind a subscription (SNS,
+            /// RabbitMQ). `Unsupported` where only the topic can be published to (memory,
+            /// Service Bus and Kafka subscriptions), whose every subscription would get them.
+            pub fn redrive_target(&self) -> Result<Config> {
+                match self {
+                    Config::Memory(c) => c.redrive_target().map(Config::from),
+                    $(
+                        #[cfg(feature = $feature)]
+                        Config::$variant(c) => c.redrive_target().map(Config::from),
                     )*
                 }
             }
@@ -244,6 +258,12 @@ impl Config {
     /// Opens a subscriber on what this configuration names.
     pub async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         self.connector().connect_subscriber().await
+    }
+
+    /// Opens an inspector (peek and stats, consuming nothing) on the queue or subscription
+    /// this configuration names.
+    pub async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        self.connector().connect_inspector().await
     }
 }
 

@@ -64,8 +64,9 @@ pub use cloudbus_aws as aws;
 #[cfg(feature = "azure")]
 pub use cloudbus_azure as azure;
 pub use cloudbus_core::{
-    Attributes, Consumer, Delivery, Destination, Error, Message, Publisher, Result, Subscriber,
-    SubscriberExt, consumer, driver, error, memory, message, publisher, subscriber,
+    Attributes, Consumer, Delivery, Destination, Error, Inspector, Message, Peeked, Publisher,
+    Result, Stats, Subscriber, SubscriberExt, consumer, driver, error, inspector, memory, message,
+    publisher, subscriber,
 };
 /// Kafka: the `cloudbus-kafka` crate (feature `kafka`).
 #[cfg(feature = "kafka")]
@@ -74,7 +75,7 @@ pub use cloudbus_kafka as kafka;
 #[cfg(feature = "rabbitmq")]
 pub use cloudbus_rabbitmq as rabbitmq;
 pub use config::{Config, IntoConfig};
-pub use connect::{connect_publisher, connect_subscriber};
+pub use connect::{connect_inspector, connect_publisher, connect_subscriber};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]

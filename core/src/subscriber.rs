@@ -15,6 +15,9 @@ use crate::{Destination, Error, Message, Result};
 pub const DEAD_LETTER_REASON: &str = "DeadLetterReason";
 /// The attribute that carries the description on a dead-lettered message, on every transport.
 pub const DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
+/// The attribute that says where a dead-lettered message was, on transports that record it
+/// apart from the broker's own properties (Kafka: `<topic>/<partition>/<offset>`).
+pub const DEAD_LETTER_SOURCE: &str = "DeadLetterSource";
 /// The reason given when a transport dead-letters a message that reached its maximum
 /// delivery count (where the transport records a reason).
 pub const MAX_DELIVERY_COUNT_EXCEEDED: &str = "MaxDeliveryCountExceeded";

@@ -455,6 +455,95 @@ pub async fn dead_letter_records_reason(harness: &impl Harness) {
     expect_nothing(subscriber, unit * 2, "a dead-lettered message came back").await;
 }
 
+/// An inspector looks without taking: `peek` shows the waiting messages with no delivery
+/// counted (or, where the broker cannot show a message without delivering it, is
+/// `Unsupported` and touches nothing), and `stats` reports each count or says why not.
+/// Afterwards every message is delivered as if nobody had looked.
+pub async fn inspecting_takes_nothing(harness: &impl Harness) {
+    let opened = open(harness, &spec(harness)).await;
+    let texts = ["a", "b", "c"];
+    for text in texts {
+        opened
+            .publisher
+            .publish(Message::new(text))
+            .await
+            .expect("publish");
+    }
+    match opened.entity.inspector(0).await {
+        Ok(inspector) => {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                match inspector.peek(10).await {
+                    Ok(peeked) if peeked.len() < texts.len() && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(peeked) => {
+                        let mut got: Vec<_> =
+                            peeked.iter().filter_map(|p| p.message.text()).collect();
+                        got.sort();
+                        assert_eq!(got, texts, "peek shows what waits");
+                        assert!(
+                            peeked.iter().all(|p| p.delivery_count == 0),
+                            "peeking counts no delivery"
+                        );
+                        break;
+                    }
+                    Err(Error::Unsupported { feature, .. }) => {
+                        println!("peek is unsupported: {feature}");
+                        break;
+                    }
+                    Err(other) => panic!("peek failed: {other:?}"),
+                }
+            }
+            loop {
+                let stats = inspector.stats().await.expect("stats");
+                for (field, value) in [
+                    ("waiting", stats.waiting),
+                    ("in_flight", stats.in_flight),
+                    ("dead_lettered", stats.dead_lettered),
+                ] {
+                    assert!(
+                        value.is_some() || stats.not_reported.iter().any(|(f, _)| *f == field),
+                        "{field} is neither reported nor explained: {stats:?}"
+                    );
+                }
+                match stats.waiting {
+                    Some(waiting) if waiting != 3 && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Some(waiting) => {
+                        assert_eq!(waiting, 3, "{stats:?}");
+                        assert_eq!(stats.dead_lettered.unwrap_or(0), 0, "{stats:?}");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            inspector.close().await.expect("close the inspector");
+        }
+        Err(Error::Unsupported { feature, .. }) => {
+            println!("inspecting is unsupported here: {feature}");
+        }
+        Err(other) => panic!("connecting an inspector failed: {other:?}"),
+    }
+    let subscriber = opened.subscribers[0].as_ref();
+    let deliveries = receive_n(subscriber, texts.len(), PATIENCE).await;
+    assert_eq!(
+        deliveries.len(),
+        texts.len(),
+        "every message is still there"
+    );
+    assert!(
+        deliveries.iter().all(|d| d.delivery_count() == 1),
+        "looking counted no delivery: {:?}",
+        deliveries
+            .iter()
+            .map(|d| d.delivery_count())
+            .collect::<Vec<_>>()
+    );
+    ack_all(deliveries).await;
+}
+
 /// A message delivered `max_deliveries` times without success is dead-lettered by the transport.
 pub async fn max_delivery_count_dead_letters(harness: &impl Harness) {
     let spec = Spec {

@@ -46,7 +46,7 @@ pub fn log_to_stderr() {
             .try_init();
     }
 }
-use cloudbus_core::{Error, Publisher, Result, Subscriber};
+use cloudbus_core::{Error, Inspector, Publisher, Result, Subscriber};
 
 /// Whether a transport supports a feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +208,14 @@ impl Entity {
             .await
     }
 
+    /// Opens an inspector (peek, stats) on subscription `index`.
+    pub async fn inspector(&self, index: usize) -> Result<Box<dyn Inspector>> {
+        self.subscription(index)?
+            .subscriber
+            .connect_inspector()
+            .await
+    }
+
     fn subscription(&self, index: usize) -> Result<&Subscription> {
         self.subscribers.get(index).ok_or_else(|| {
             Error::config(format!(
@@ -281,6 +289,7 @@ macro_rules! conformance_tests {
             unsettled_delivery_comes_back_after_lock,
             dead_letter_records_reason,
             max_delivery_count_dead_letters,
+            inspecting_takes_nothing,
             extend_keeps_message_locked,
             batch_of_25_all_arrive,
             concurrent_publishes_and_close_lose_nothing,

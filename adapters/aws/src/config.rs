@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudbus_core::config::ConfigUrl;
 use cloudbus_core::driver::{Connect, TransportConfig};
-use cloudbus_core::{Error, Publisher, Result, Subscriber};
+use cloudbus_core::{Destination, Error, Inspector, Publisher, Result, Subscriber};
 use serde::{Deserialize, Serialize};
 
-use crate::{SnsPublisher, SnsSubscriber, SqsPublisher, SqsSubscriber};
+use crate::{SnsPublisher, SnsSubscriber, SqsInspector, SqsPublisher, SqsSubscriber};
 
 /// Options of the SQS transport: `sqs://<queue-name or queue URL>[?region=..&endpoint=..&...]`.
 ///
@@ -147,6 +147,17 @@ impl SnsConfig {
     }
 
     /// The SQS queue a subscriber receives from: `queue` with this config's options.
+    /// The subscription's queue name, or the error that says to add one.
+    fn subscribed_queue(&self) -> Result<&str> {
+        self.subscription.as_deref().ok_or_else(|| {
+            Error::config(format!(
+                "sns://{} names no subscription: add ?subscription=<queue> (a topic keeps no \
+                 messages; its subscriptions' queues do)",
+                self.topic
+            ))
+        })
+    }
+
     pub(crate) fn queue(&self, queue: &str) -> SqsConfig {
         SqsConfig {
             queue: queue.to_string(),
@@ -181,6 +192,10 @@ impl Connect for SqsConfig {
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(SqsSubscriber::connect(self).await?))
     }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(SqsInspector::connect(self).await?))
+    }
 }
 
 impl TransportConfig for SqsConfig {
@@ -206,6 +221,14 @@ impl TransportConfig for SqsConfig {
             ..self.clone()
         })
     }
+
+    /// The queue itself.
+    fn redrive_target(&self) -> Result<SqsConfig> {
+        Ok(SqsConfig {
+            create: false,
+            ..self.clone()
+        })
+    }
 }
 
 #[async_trait]
@@ -216,6 +239,14 @@ impl Connect for SnsConfig {
 
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(SnsSubscriber::connect(self).await?))
+    }
+
+    /// Looks into the subscription's queue.
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        let queue = self.subscribed_queue()?;
+        let inspector = SqsInspector::connect(&self.queue(queue)).await?;
+        let destination = Destination::new("sns", self.topic.clone()).with_subscription(queue);
+        Ok(Box::new(inspector.with_destination(destination)))
     }
 }
 
@@ -236,13 +267,12 @@ impl TransportConfig for SnsConfig {
 
     /// The `<queue>-dlq` of the subscribed queue, which `create=true` makes.
     fn dead_letter_queue(&self) -> Result<SqsConfig> {
-        let queue = self.subscription.as_ref().ok_or_else(|| {
-            Error::config(format!(
-                "sns://{} has no subscription, so no dead-letter queue: add ?subscription=<queue>",
-                self.topic
-            ))
-        })?;
-        self.queue(queue).dead_letter_queue()
+        self.queue(self.subscribed_queue()?).dead_letter_queue()
+    }
+
+    /// The subscribed queue: a copy sent there reaches this subscription only.
+    fn redrive_target(&self) -> Result<SqsConfig> {
+        self.queue(self.subscribed_queue()?).redrive_target()
     }
 }
 

@@ -34,10 +34,12 @@ mod client;
 mod codec;
 mod config;
 mod error;
+mod inspector;
 mod queue;
 mod sns;
 mod sqs;
 
 pub use config::{SnsConfig, SqsConfig, sqs_dead_letter_name};
+pub use inspector::SqsInspector;
 pub use sns::{SnsPublisher, SnsSubscriber};
 pub use sqs::{SqsPublisher, SqsSubscriber};

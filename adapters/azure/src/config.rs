@@ -3,10 +3,10 @@
 use async_trait::async_trait;
 use cloudbus_core::config::{ConfigUrl, Secret};
 use cloudbus_core::driver::{Connect, TransportConfig};
-use cloudbus_core::{Publisher, Result, Subscriber};
+use cloudbus_core::{Error, Inspector, Publisher, Result, Subscriber};
 use serde::{Deserialize, Serialize};
 
-use crate::{ServiceBusPublisher, ServiceBusSubscriber};
+use crate::{ServiceBusInspector, ServiceBusPublisher, ServiceBusSubscriber};
 
 /// How a Service Bus receiver takes messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -153,6 +153,10 @@ impl Connect for ServiceBusConfig {
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(ServiceBusSubscriber::connect(self).await?))
     }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(ServiceBusInspector::connect(self).await?))
+    }
 }
 
 impl TransportConfig for ServiceBusConfig {
@@ -184,6 +188,26 @@ impl TransportConfig for ServiceBusConfig {
             session: None,
             ..self.clone()
         })
+    }
+
+    /// The queue itself; a subscription's dead letters cannot go back to it alone (a
+    /// message sent to the topic reaches every subscription whose rules match).
+    fn redrive_target(&self) -> Result<Self> {
+        match &self.subscription {
+            None => Ok(ServiceBusConfig {
+                dead_letter: false,
+                ..self.clone()
+            }),
+            Some(subscription) => Err(Error::Unsupported {
+                transport: "servicebus",
+                feature: format!(
+                    "redrive to the subscription `{subscription}` alone: a message sent to \
+                     the topic `{}` reaches every subscription whose rules match; send to the \
+                     topic on purpose instead",
+                    self.entity
+                ),
+            }),
+        }
     }
 }
 

@@ -42,6 +42,7 @@ mod client_thread;
 mod config;
 mod credentials;
 mod error;
+mod inspector;
 mod mapping;
 mod publisher;
 mod receiver;
@@ -50,6 +51,7 @@ mod settle;
 mod subscriber;
 
 pub use config::{Credential, ReceiveMode, ServiceBusConfig};
+pub use inspector::ServiceBusInspector;
 pub use publisher::ServiceBusPublisher;
 pub use subscriber::ServiceBusSubscriber;
 

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use azservicebus::{ServiceBusMessage, ServiceBusReceivedMessage};
+use azservicebus::{ServiceBusMessage, ServiceBusPeekedMessage, ServiceBusReceivedMessage};
 use cloudbus_core::{Error, Message, Result};
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Body};
 use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue, Value};
@@ -157,9 +157,61 @@ pub(crate) fn simple_text(value: &SimpleValue) -> String {
     }
 }
 
-/// Converts a received message; `sessions` says whether a session id is an ordering key.
-pub(crate) fn from_servicebus(received: &ServiceBusReceivedMessage, sessions: bool) -> Message {
-    let raw = received.raw_amqp_message();
+/// What the decoding reads of a received or a peeked message (azservicebus gives the two
+/// the same accessors on different types).
+pub(crate) trait Incoming {
+    fn raw(&self) -> &fe2o3_amqp_types::messaging::Message<Body<Value>>;
+    fn message_id(&self) -> Option<std::borrow::Cow<'_, str>>;
+    fn sequence_number(&self) -> i64;
+    fn application_properties(&self) -> Option<&ApplicationProperties>;
+    fn content_type(&self) -> Option<&str>;
+    fn correlation_id(&self) -> Option<std::borrow::Cow<'_, str>>;
+    fn subject(&self) -> Option<&str>;
+    fn session_id(&self) -> Option<&str>;
+    fn time_to_live(&self) -> Option<std::time::Duration>;
+}
+
+macro_rules! incoming {
+    ($type:ty) => {
+        impl Incoming for $type {
+            fn raw(&self) -> &fe2o3_amqp_types::messaging::Message<Body<Value>> {
+                self.raw_amqp_message()
+            }
+            fn message_id(&self) -> Option<std::borrow::Cow<'_, str>> {
+                <$type>::message_id(self)
+            }
+            fn sequence_number(&self) -> i64 {
+                <$type>::sequence_number(self)
+            }
+            fn application_properties(&self) -> Option<&ApplicationProperties> {
+                <$type>::application_properties(self)
+            }
+            fn content_type(&self) -> Option<&str> {
+                <$type>::content_type(self)
+            }
+            fn correlation_id(&self) -> Option<std::borrow::Cow<'_, str>> {
+                <$type>::correlation_id(self)
+            }
+            fn subject(&self) -> Option<&str> {
+                <$type>::subject(self)
+            }
+            fn session_id(&self) -> Option<&str> {
+                <$type>::session_id(self)
+            }
+            fn time_to_live(&self) -> Option<std::time::Duration> {
+                <$type>::time_to_live(self)
+            }
+        }
+    };
+}
+
+incoming!(ServiceBusReceivedMessage);
+incoming!(ServiceBusPeekedMessage);
+
+/// Converts a received (or peeked) message; `sessions` says whether a session id is an
+/// ordering key.
+pub(crate) fn from_servicebus(received: &impl Incoming, sessions: bool) -> Message {
+    let raw = received.raw();
     let payload: Vec<u8> = match &raw.body {
         Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
         Body::Value(value) => match &value.0 {

@@ -195,7 +195,7 @@ pub(crate) async fn open_receivers(
     Ok((client, receivers))
 }
 
-fn entity_kind(config: &ServiceBusConfig) -> &'static str {
+pub(crate) fn entity_kind(config: &ServiceBusConfig) -> &'static str {
     if config.subscription.is_some() {
         "subscription"
     } else {

@@ -259,7 +259,7 @@ async fn pin_start<C: rdkafka::consumer::ConsumerContext + 'static>(
 }
 
 /// The first offset at or after `at` in each partition (-1 where there is none).
-fn offsets_at<C: rdkafka::consumer::ConsumerContext>(
+pub(crate) fn offsets_at<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: &[i32],

@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudbus_core::config::{ConfigUrl, Secret, Start};
 use cloudbus_core::driver::{Connect, TransportConfig};
-use cloudbus_core::{Error, Publisher, Result, Subscriber};
+use cloudbus_core::{Error, Inspector, Publisher, Result, Subscriber};
 use serde::{Deserialize, Serialize};
 
-use crate::{KafkaPublisher, KafkaSubscriber};
+use crate::{KafkaInspector, KafkaPublisher, KafkaSubscriber};
 
 /// The environment variable read for the brokers when the config names none.
 pub const BROKERS_ENV: &str = "KAFKA_BROKERS";
@@ -234,6 +234,10 @@ impl Connect for KafkaConfig {
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(KafkaSubscriber::connect(self).await?))
     }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(KafkaInspector::connect(self).await?))
+    }
 }
 
 impl TransportConfig for KafkaConfig {
@@ -258,6 +262,20 @@ impl TransportConfig for KafkaConfig {
             dead_letter: true,
             start: Start::Earliest,
             ..self.clone()
+        })
+    }
+
+    /// `Unsupported`: a subscription is a consumer group, and a record published to the
+    /// topic reaches every group.
+    fn redrive_target(&self) -> Result<Self> {
+        Err(Error::Unsupported {
+            transport: "kafka",
+            feature: format!(
+                "redrive to one subscription: a consumer group reads the topic, so a record \
+                 published to kafka://{} reaches every group of it; publish to the topic on \
+                 purpose instead",
+                self.topic
+            ),
         })
     }
 

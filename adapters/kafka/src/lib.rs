@@ -45,6 +45,7 @@ mod admin;
 mod client;
 mod config;
 mod error;
+mod inspector;
 mod ledger;
 mod mapping;
 mod msk;
@@ -53,6 +54,7 @@ mod subscriber;
 
 pub use admin::create_subscription;
 pub use config::{Auth, BROKERS_ENV, DEFAULT_BROKERS, EVENT_HUBS_ENV, KafkaConfig, PASSWORD_ENV};
+pub use inspector::KafkaInspector;
 pub use publisher::KafkaPublisher;
 pub use subscriber::KafkaSubscriber;
 

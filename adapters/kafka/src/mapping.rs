@@ -35,7 +35,9 @@ pub(crate) const CORRELATION_ID: &str = "cloudbus.correlation-id";
 pub(crate) const SUBJECT: &str = "cloudbus.subject";
 /// When the message expires (its time to live), in unix milliseconds.
 pub(crate) const EXPIRES_AT: &str = "cloudbus.expires-at";
-/// On a dead-lettered copy: where the original was (`<topic>/<partition>/<offset>`).
+/// On a dead-lettered copy: where the original was (`<topic>/<partition>/<offset>`);
+/// received as the attribute [`DEAD_LETTER_SOURCE`](cloudbus_core::subscriber::DEAD_LETTER_SOURCE),
+/// which a publisher may send again (names under `cloudbus.` it refuses).
 pub(crate) const DEAD_LETTER_SOURCE: &str = "cloudbus.dead-letter-source";
 
 /// A message ready to be produced.
@@ -171,6 +173,12 @@ pub(crate) fn decode(
             CONTENT_TYPE => message.content_type = Some(text),
             CORRELATION_ID => message.correlation_id = Some(text),
             SUBJECT => message.subject = Some(text),
+            DEAD_LETTER_SOURCE => {
+                attributes.insert(
+                    cloudbus_core::subscriber::DEAD_LETTER_SOURCE.to_string(),
+                    text,
+                );
+            }
             EXPIRES_AT => {
                 expires_at = text
                     .parse::<u64>()

@@ -537,8 +537,10 @@ impl Shared {
         let mut copy = message.clone();
         copy.time_to_live = None;
         // Headers of another producer under cloudbus's prefix are not cloudbus's fields.
-        copy.attributes
-            .retain(|key, _| !key.starts_with(crate::mapping::RESERVED_PREFIX));
+        copy.attributes.retain(|key, _| {
+            !key.starts_with(crate::mapping::RESERVED_PREFIX)
+                && key != cloudbus_core::subscriber::DEAD_LETTER_SOURCE
+        });
         copy.attributes
             .insert(DEAD_LETTER_REASON.to_string(), reason.to_string());
         copy.attributes

@@ -282,7 +282,7 @@ impl Sender {
             .store(true, std::sync::atomic::Ordering::Release);
         if let Some((connection, channel)) = link.take() {
             let _ = tokio::time::timeout(self.timeout, channel.wait_for_confirms()).await;
-            close_connection(connection, "closed").await;
+            close_connection(&connection, "closed").await;
         }
     }
 }
@@ -292,13 +292,13 @@ impl Sender {
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Closes a connection, waiting for the broker's answer up to [`CLOSE_TIMEOUT`].
-pub(crate) async fn close_connection(connection: Connection, reason: &str) {
+pub(crate) async fn close_connection(connection: &Connection, reason: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, reason.into())).await;
 }
 
 /// Closes a connection that is no longer used, without waiting.
 pub(crate) fn close_in_background(connection: Connection) {
-    tokio::spawn(close_connection(connection, "reconnecting"));
+    tokio::spawn(async move { close_connection(&connection, "reconnecting").await });
 }
 
 /// `work` (broker calls on a new channel), failing with a transient error at `deadline`:

@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudbus_core::config::{ConfigUrl, Secret};
 use cloudbus_core::driver::{Connect, TransportConfig};
-use cloudbus_core::{Error, Publisher, Result, Subscriber};
+use cloudbus_core::{Error, Inspector, Publisher, Result, Subscriber};
 use serde::{Deserialize, Serialize};
 
-use crate::{RabbitMqPublisher, RabbitMqSubscriber};
+use crate::{RabbitMqInspector, RabbitMqPublisher, RabbitMqSubscriber};
 
 /// The environment variable read for the server's URI when the config has none.
 pub const URI_ENV: &str = "RABBITMQ_URL";
@@ -185,6 +185,10 @@ impl Connect for RabbitMqConfig {
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(RabbitMqSubscriber::connect(self).await?))
     }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(RabbitMqInspector::connect(self).await?))
+    }
 }
 
 impl TransportConfig for RabbitMqConfig {
@@ -213,6 +217,21 @@ impl TransportConfig for RabbitMqConfig {
         }
         Ok(RabbitMqConfig {
             dead_letter: true,
+            ..self.clone()
+        })
+    }
+
+    /// The queue itself, for a subscription too: a publish to the queue (through the
+    /// default exchange) reaches this subscription only.
+    fn redrive_target(&self) -> Result<Self> {
+        Ok(RabbitMqConfig {
+            name: self
+                .subscription
+                .clone()
+                .unwrap_or_else(|| self.name.clone()),
+            subscription: None,
+            dead_letter: false,
+            create: false,
             ..self.clone()
         })
     }

@@ -49,6 +49,7 @@
 mod client;
 mod config;
 mod error;
+mod inspector;
 mod mapping;
 mod publisher;
 mod subscriber;
@@ -57,6 +58,7 @@ mod topology;
 pub use config::{
     DEAD_LETTER_QUEUE_SUFFIX, DEFAULT_URI, RabbitMqConfig, URI_ENV, dead_letter_queue,
 };
+pub use inspector::RabbitMqInspector;
 pub use publisher::RabbitMqPublisher;
 pub use subscriber::{RabbitMqSubscriber, create_subscription};
 

@@ -65,7 +65,7 @@ impl RabbitMqPublisher {
             Ok::<_, Error>(Target::Queue)
         })
         .await;
-        close_connection(connection, "looked up").await;
+        close_connection(&connection, "looked up").await;
         let kind = found?;
         let sender = Sender::new(server, config.publish_timeout);
         sender.open(deadline).await?;

@@ -175,7 +175,7 @@ pub async fn create_subscription(config: &RabbitMqConfig) -> Result<()> {
         declare(&channel, config),
     )
     .await;
-    close_connection(connection, "declared").await;
+    close_connection(&connection, "declared").await;
     declared
 }
 

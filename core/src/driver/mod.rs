@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::{ConfigUrl, Start};
-use crate::{Error, Publisher, Result, Subscriber};
+use crate::{Error, Inspector, Publisher, Result, Subscriber};
 
 /// How a transport settles one delivery. Implemented by adapters; services use the
 /// methods of [`Delivery`](crate::Delivery) instead.
@@ -73,6 +73,9 @@ pub trait Connect: Debug + Send + Sync {
     async fn connect_publisher(&self) -> Result<Box<dyn Publisher>>;
     /// Opens a subscriber on what this configuration names.
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>>;
+    /// Opens an [`Inspector`] on the queue or subscription this configuration names (it
+    /// creates nothing). A transport that can tell nothing returns `Unsupported`.
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>>;
 }
 
 /// A transport's configuration: one struct per URL scheme, parsed from a URL and from
@@ -102,6 +105,12 @@ pub trait TransportConfig:
 
     /// The dead-letter queue of the queue or subscription this configuration receives from.
     fn dead_letter_queue(&self) -> Result<Self::DeadLetters>;
+
+    /// Where to publish a dead letter of this queue or subscription so that it comes back
+    /// to this queue or subscription only (redrive): the queue itself, or the queue behind
+    /// a subscription (SNS, RabbitMQ). `Unsupported` where only the topic can be published
+    /// to, whose every subscription would get the copy; the error says so.
+    fn redrive_target(&self) -> Result<Self::DeadLetters>;
 
     /// The same subscription, starting at `start` when it is created: how to replay a
     /// topic. `Unsupported` (the default) for transports that keep no log of delivered

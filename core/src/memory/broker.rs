@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use super::{MemoryConfig, TRANSPORT};
 use crate::config::Start;
 use crate::driver::{DeliveryInfo, Settle};
+use crate::inspector::Peeked;
 use crate::subscriber::{DEAD_LETTER_DESCRIPTION, DEAD_LETTER_REASON, MAX_DELIVERY_COUNT_EXCEEDED};
 use crate::{Delivery, Error, Message, Result};
 
@@ -473,6 +474,44 @@ impl Queue {
             );
         }
         (deliveries, next_event)
+    }
+
+    /// Up to `max` messages that wait for delivery (delayed ones included), oldest first,
+    /// left as they are.
+    pub(super) fn peek(&self, max: usize) -> Vec<Peeked> {
+        let now = Instant::now();
+        let state = lock(&self.state);
+        state
+            .available
+            .iter()
+            .filter(|(_, stored)| stored.expires_at.is_none_or(|at| at > now))
+            .take(max)
+            .map(|(sequence, stored)| {
+                Peeked::new(
+                    stored.message.clone(),
+                    stored.delivery_count,
+                    stored.enqueued_at,
+                    sequence.to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Messages waiting and locked, and the age of the oldest waiting one.
+    pub(super) fn counts(&self) -> (u64, u64, Option<Duration>) {
+        let now = Instant::now();
+        let state = lock(&self.state);
+        let waiting: Vec<&Stored> = state
+            .available
+            .values()
+            .filter(|stored| stored.expires_at.is_none_or(|at| at > now))
+            .collect();
+        let oldest = waiting
+            .iter()
+            .map(|stored| stored.enqueued_at)
+            .min()
+            .map(|at| SystemTime::now().duration_since(at).unwrap_or_default());
+        (waiting.len() as u64, state.in_flight.len() as u64, oldest)
     }
 
     /// Runs `f` on the locked message if this lock still holds it.

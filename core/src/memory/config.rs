@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{MemoryPublisher, MemorySubscriber};
+use super::{MemoryInspector, MemoryPublisher, MemorySubscriber};
 use crate::config::{ConfigUrl, Start};
 use crate::driver::{Connect, TransportConfig};
-use crate::{Publisher, Result, Subscriber};
+use crate::{Error, Inspector, Publisher, Result, Subscriber};
 
 /// Options of the in-memory transport: `memory://<entity>[/$deadletter][?subscription=<name>&...]`.
 ///
@@ -89,6 +89,10 @@ impl Connect for MemoryConfig {
     async fn connect_subscriber(&self) -> Result<Box<dyn Subscriber>> {
         Ok(Box::new(MemorySubscriber::connect(self).await?))
     }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(MemoryInspector::connect(self).await?))
+    }
 }
 
 impl TransportConfig for MemoryConfig {
@@ -119,6 +123,26 @@ impl TransportConfig for MemoryConfig {
             dead_letter: true,
             ..self.clone()
         })
+    }
+
+    /// The queue itself; a subscription's dead letters cannot go back to it alone (a
+    /// publish reaches every subscription of the topic).
+    fn redrive_target(&self) -> Result<Self> {
+        match &self.subscription {
+            None => Ok(MemoryConfig {
+                dead_letter: false,
+                ..self.clone()
+            }),
+            Some(subscription) => Err(Error::Unsupported {
+                transport: "memory",
+                feature: format!(
+                    "redrive to the subscription `{subscription}` alone: a publish to \
+                     memory://{} reaches every subscription; publish to the topic on purpose \
+                     instead",
+                    self.entity
+                ),
+            }),
+        }
     }
 
     fn with_start(&self, start: Start) -> Result<Self> {

@@ -29,6 +29,7 @@ use broker::{Entity, Queue, entity};
 pub use config::MemoryConfig;
 
 use crate::driver::check_receive_max;
+use crate::inspector::{Inspector, Peeked, Stats};
 use crate::{Delivery, Destination, Error, Message, Publisher, Result, Subscriber};
 
 const TRANSPORT: &str = "memory";
@@ -107,30 +108,92 @@ impl MemorySubscriber {
     /// Opens a subscriber on the queue, subscription or dead-letter queue `config` names
     /// (creating the entity and the subscription, unless `create` is off).
     pub async fn connect(config: &MemoryConfig) -> Result<Self> {
-        let entity = entity(config)?;
-        let queue = entity.queue_for(config)?;
-        let queue = if config.dead_letter {
-            queue.dead_letter.clone().ok_or_else(|| {
-                Error::config("a dead-letter queue has no dead-letter queue of its own")
-            })?
-        } else {
-            queue
-        };
-        let name = if config.dead_letter {
-            format!("{}{}", config.entity, crate::config::DEAD_LETTER_SUFFIX)
-        } else {
-            config.entity.clone()
-        };
-        let mut destination = Destination::new(TRANSPORT, name);
-        if let Some(subscription) = &config.subscription {
-            destination = destination.with_subscription(subscription.clone());
-        }
+        let (queue, destination) = queue_of(config)?;
         Ok(MemorySubscriber {
             queue,
             destination,
             visibility: config.visibility,
             closed: AtomicBool::new(false),
         })
+    }
+}
+
+/// The queue (of a queue entity, a subscription or a dead-letter queue) that `config`
+/// receives from, and its destination.
+fn queue_of(config: &MemoryConfig) -> Result<(Arc<Queue>, Destination)> {
+    let entity = entity(config)?;
+    let queue = entity.queue_for(config)?;
+    let queue = if config.dead_letter {
+        queue.dead_letter.clone().ok_or_else(|| {
+            Error::config("a dead-letter queue has no dead-letter queue of its own")
+        })?
+    } else {
+        queue
+    };
+    let name = if config.dead_letter {
+        format!("{}{}", config.entity, crate::config::DEAD_LETTER_SUFFIX)
+    } else {
+        config.entity.clone()
+    };
+    let mut destination = Destination::new(TRANSPORT, name);
+    if let Some(subscription) = &config.subscription {
+        destination = destination.with_subscription(subscription.clone());
+    }
+    Ok((queue, destination))
+}
+
+/// Looks into a memory queue, subscription or dead-letter queue: peek and stats, without
+/// taking anything.
+pub struct MemoryInspector {
+    queue: Arc<Queue>,
+    destination: Destination,
+}
+
+impl MemoryInspector {
+    /// Opens an inspector on the queue, subscription or dead-letter queue `config` names.
+    /// It never creates one: a missing entity or subscription is
+    /// [`Error::NotFound`] (the broker lives in the process, so another process's
+    /// entities are not there).
+    pub async fn connect(config: &MemoryConfig) -> Result<Self> {
+        let existing = MemoryConfig {
+            create: false,
+            ..config.clone()
+        };
+        let (queue, destination) = queue_of(&existing)?;
+        Ok(MemoryInspector { queue, destination })
+    }
+}
+
+#[async_trait]
+impl Inspector for MemoryInspector {
+    async fn peek(&self, max: usize) -> Result<Vec<Peeked>> {
+        Ok(self.queue.peek(max))
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let (waiting, in_flight, oldest_age) = self.queue.counts();
+        let mut stats = Stats {
+            waiting: Some(waiting),
+            in_flight: Some(in_flight),
+            oldest_age,
+            ..Stats::default()
+        };
+        match &self.queue.dead_letter {
+            Some(dead_letter) => stats.dead_lettered = Some(dead_letter.counts().0),
+            None => stats = stats.not_reported("dead_lettered", "a dead-letter queue has none"),
+        }
+        if oldest_age.is_none() {
+            stats = stats.not_reported("oldest_age", "no message waits");
+        }
+        Ok(stats)
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn destination(&self) -> Destination {
+        self.destination.clone()
     }
 }
 
@@ -204,5 +267,49 @@ mod tests {
             subscriber.destination(),
             Destination::new("memory", "destination-events").with_subscription("audit")
         );
+    }
+
+    #[tokio::test]
+    async fn an_inspector_counts_and_peeks_without_taking() {
+        let queue = MemoryConfig::new("inspected-queue");
+        let publisher = MemoryPublisher::connect(&queue).await.unwrap();
+        for text in ["a", "b", "c"] {
+            publisher.publish(Message::new(text)).await.unwrap();
+        }
+        let inspector = MemoryInspector::connect(&queue).await.unwrap();
+        let peeked = inspector.peek(2).await.unwrap();
+        let texts: Vec<_> = peeked.iter().map(|p| p.message.text()).collect();
+        assert_eq!(texts, [Some("a"), Some("b")]);
+        assert!(peeked.iter().all(|p| p.delivery_count == 0));
+
+        let subscriber = MemorySubscriber::connect(&queue).await.unwrap();
+        let mut taken = subscriber.receive(2, Duration::ZERO).await.unwrap();
+        assert_eq!(taken[0].delivery_count(), 1, "peeking counted no delivery");
+        let stats = inspector.stats().await.unwrap();
+        assert_eq!(
+            (stats.waiting, stats.in_flight, stats.dead_lettered),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(stats.oldest_age.is_some());
+        taken
+            .remove(0)
+            .dead_letter("Poison", "for the test")
+            .await
+            .unwrap();
+        assert_eq!(inspector.stats().await.unwrap().dead_lettered, Some(1));
+        let dead_letters = MemoryInspector::connect(&MemoryConfig {
+            dead_letter: true,
+            ..queue.clone()
+        })
+        .await
+        .unwrap();
+        let peeked = dead_letters.peek(10).await.unwrap();
+        assert_eq!(peeked[0].message.attributes["DeadLetterReason"], "Poison");
+        let stats = dead_letters.stats().await.unwrap();
+        assert_eq!(stats.dead_lettered, None);
+        assert_eq!(stats.not_reported[0].0, "dead_lettered");
+
+        let missing = MemoryInspector::connect(&MemoryConfig::new("inspected-missing")).await;
+        assert!(matches!(missing, Err(Error::NotFound { .. })));
     }
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_core::driver::Connect;
-use cloudbus_core::memory::{MemoryConfig, MemoryPublisher, MemorySubscriber};
+use cloudbus_core::memory::{MemoryConfig, MemoryInspector, MemoryPublisher, MemorySubscriber};
 use cloudbus_core::{
-    Delivery, Destination, Error, Message, Publisher, Result, Subscriber, message,
+    Delivery, Destination, Error, Inspector, Message, Publisher, Result, Subscriber, message,
 };
 use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
 
@@ -29,6 +29,10 @@ impl Connect for WrappedConfig {
         Ok(Box::new(WrappedSubscriber(
             MemorySubscriber::connect(&self.0).await?,
         )))
+    }
+
+    async fn connect_inspector(&self) -> Result<Box<dyn Inspector>> {
+        Ok(Box::new(MemoryInspector::connect(&self.0).await?))
     }
 }
 
