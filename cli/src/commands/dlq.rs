@@ -112,11 +112,13 @@ pub async fn redrive(target: Target, args: &RedriveArgs, output: &Output) -> Res
             match publisher.publish(copy).await {
                 Ok(_) => match delivery.ack().await {
                     Ok(()) => {
+                        held.remember(&record.id);
                         moved += 1;
                         progress.suspend(|| output.message(&record, Columns::DeadLetters));
                     }
                     Err(error) => {
                         failed += 1;
+                        held.remember(&record.id);
                         progress.suspend(|| {
                             output.note(&format!(
                                 "cloudbus: {} was published to {} but is still in the \

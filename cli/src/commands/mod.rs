@@ -119,7 +119,10 @@ async fn receive_until(
 }
 
 /// Deliveries kept unsettled until the command ends, then given back (nack without delay),
-/// so that a command that gives messages back never receives one of them twice.
+/// so that a command that gives messages back never receives one of them twice; and the
+/// ids of messages a command dealt with and may meet again (a redriven dead letter that is
+/// dead-lettered again during the run). Only those: `receive --follow` that acks remembers
+/// nothing, so its memory stays flat.
 #[derive(Default)]
 struct Held {
     deliveries: Vec<Delivery>,
@@ -127,12 +130,18 @@ struct Held {
 }
 
 impl Held {
-    /// Whether this message was handed over before.
-    fn seen(&mut self, delivery: &Delivery) -> bool {
-        !self.seen.insert(delivery.message().id.clone())
+    /// Whether this message was held or remembered before.
+    fn seen(&self, delivery: &Delivery) -> bool {
+        self.seen.contains(&delivery.message().id)
+    }
+
+    /// Remembers a message dealt with, so that meeting it again in this run is skipped.
+    fn remember(&mut self, id: &str) {
+        self.seen.insert(id.to_string());
     }
 
     fn hold(&mut self, delivery: Delivery) {
+        self.remember(&delivery.message().id);
         self.deliveries.push(delivery);
     }
 

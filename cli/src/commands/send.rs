@@ -2,10 +2,9 @@
 //! generated messages, several in flight at once (so the transport batches them); prints
 //! each id in order.
 
-use std::io::BufRead;
-
 use cloudbus::{Message, Publisher};
-use futures::StreamExt;
+use futures::stream::{self, BoxStream, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::SendArgs;
 use crate::exit::{Failure, PARTIAL};
@@ -21,7 +20,7 @@ pub async fn run(
     output: &Output,
 ) -> Result<u8, Failure> {
     let input = MessageInput::new(&args.attributes, args.base64, args.from_json)?;
-    let messages: Box<dyn Iterator<Item = Result<Message, Failure>> + Send> = match args.count {
+    let messages: BoxStream<'static, Result<Message, Failure>> = match args.count {
         Some(count) => {
             if bodies.len() > 1 {
                 return Err(Failure::usage(
@@ -30,31 +29,40 @@ pub async fn run(
             }
             let body = bodies.first().cloned();
             let input = MessageInput::new(&args.attributes, args.base64, false)?;
-            Box::new((1..=count).map(move |i| {
+            stream::iter((1..=count).map(move |i| {
                 let text = body.clone().unwrap_or_else(|| format!("message {i}"));
                 input.message(&text, i as usize)
             }))
+            .boxed()
         }
-        None if !bodies.is_empty() => Box::new(
+        None if !bodies.is_empty() => stream::iter(
             bodies
                 .into_iter()
                 .enumerate()
                 .map(move |(i, body)| input.message(&body, i + 1)),
-        ),
-        None => Box::new(
-            std::io::stdin()
-                .lock()
-                .lines()
-                .enumerate()
-                .filter(|(_, line)| !line.as_ref().is_ok_and(|l| l.trim().is_empty()))
-                .map(move |(i, line)| {
-                    let line =
-                        line.map_err(|e| Failure::usage(format!("reading standard input: {e}")))?;
-                    input.message(&line, i + 1)
-                })
-                .collect::<Vec<_>>()
-                .into_iter(),
-        ),
+        )
+        .boxed(),
+        // Lines as they come (so `cloudbus receive --follow --json | cloudbus send
+        // --from-json` streams), blank ones skipped.
+        None => {
+            let lines = BufReader::new(tokio::io::stdin()).lines();
+            stream::unfold((lines, 0usize), |(mut lines, mut number)| async move {
+                loop {
+                    number += 1;
+                    match lines.next_line().await {
+                        Ok(Some(line)) if line.trim().is_empty() => continue,
+                        Ok(Some(line)) => return Some((Ok((line, number)), (lines, number))),
+                        Ok(None) => return None,
+                        Err(e) => {
+                            let failure = Failure::usage(format!("reading standard input: {e}"));
+                            return Some((Err(failure), (lines, number)));
+                        }
+                    }
+                }
+            })
+            .map(move |line| line.and_then(|(line, number)| input.message(&line, number)))
+            .boxed()
+        }
     };
     let connected = target
         .config
@@ -64,7 +72,7 @@ pub async fn run(
     let progress = output.progress(args.count, "sending");
     let publisher: &dyn Publisher = connected.as_ref();
     let shown = target.shown.as_str();
-    let mut results = futures::stream::iter(messages)
+    let mut results = messages
         .map(|message| async move {
             match message {
                 Ok(message) => {
