@@ -105,10 +105,7 @@ pub async fn redrive(target: Target, args: &RedriveArgs, output: &Output) -> Res
                 held.hold(delivery);
                 return Ok(());
             }
-            let mut copy = from_record(record.clone(), 0)?;
-            copy.attributes.remove(DEAD_LETTER_REASON);
-            copy.attributes.remove(DEAD_LETTER_DESCRIPTION);
-            copy.attributes.remove(DEAD_LETTER_SOURCE);
+            let copy = redriven(&record)?;
             match publisher.publish(copy).await {
                 Ok(_) => match delivery.ack().await {
                     Ok(()) => {
@@ -169,6 +166,41 @@ pub async fn redrive(target: Target, args: &RedriveArgs, output: &Output) -> Res
         }
     ));
     Ok(if failed > 0 { PARTIAL } else { 0 })
+}
+
+/// The attribute that keeps, on a redriven copy, the reason it had been dead-lettered for.
+pub const REDRIVEN_REASON: &str = "RedrivenReason";
+/// The attribute that keeps, on a redriven copy, the dead-letter description.
+pub const REDRIVEN_DESCRIPTION: &str = "RedrivenDescription";
+/// The attribute that keeps, on a redriven copy, when the broker first took the message
+/// (RFC 3339; kept from an earlier redrive).
+pub const ORIGINAL_ENQUEUED_AT: &str = "OriginalEnqueuedAt";
+
+/// The copy a redrive publishes: the same id, body and attributes, with the dead-letter
+/// attributes turned into history (`RedrivenReason`, `RedrivenDescription`,
+/// `OriginalEnqueuedAt`), so that a consumer does not take it for a dead letter and an
+/// operator can still see what happened.
+fn redriven(record: &Record) -> Result<cloudbus::Message, Failure> {
+    let mut copy = from_record(record.clone(), 0)?;
+    let attributes = &mut copy.attributes;
+    let reason = attributes.remove(DEAD_LETTER_REASON);
+    let description = attributes.remove(DEAD_LETTER_DESCRIPTION);
+    attributes.remove(DEAD_LETTER_SOURCE);
+    if let Some(reason) = reason {
+        attributes.insert(REDRIVEN_REASON.into(), reason);
+    }
+    match description {
+        Some(description) if !description.is_empty() => {
+            attributes.insert(REDRIVEN_DESCRIPTION.into(), description);
+        }
+        _ => {}
+    }
+    if let Some(enqueued_at) = &record.enqueued_at {
+        attributes
+            .entry(ORIGINAL_ENQUEUED_AT.into())
+            .or_insert_with(|| enqueued_at.clone());
+    }
+    Ok(copy)
 }
 
 /// How many dead letters the transport says there are, when it says.

@@ -1,6 +1,6 @@
 //! The cases every transport runs, over a URL and the environment that reaches it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -264,10 +264,22 @@ pub async fn dead_letters_list_and_redrive(
     };
     assert_eq!(texts, expected, "{back:#?}");
     for record in &back {
-        assert!(
-            record["attributes"].get(DEAD_LETTER_REASON).is_none(),
+        let attributes = &record["attributes"];
+        assert!(attributes.get(DEAD_LETTER_REASON).is_none(), "{record:#}");
+        let expected = if record["body"] == "other" {
+            "Other"
+        } else {
+            "Poison"
+        };
+        assert_eq!(
+            attributes["RedrivenReason"], expected,
+            "the history stays: {record:#}"
+        );
+        assert_eq!(
+            attributes["RedrivenDescription"], "rejected by the test",
             "{record:#}"
         );
+        assert!(attributes["OriginalEnqueuedAt"].is_string(), "{record:#}");
         assert!(
             sent.iter().any(|s| s["id"] == record["id"]),
             "the same ids: {record:#}"
@@ -377,4 +389,120 @@ pub fn stats_report(place: &Place<'_>, waiting: Waiting) {
     let table = place.run(&["stats", place.receive], None).expect(0);
     assert!(table.stdout.contains("waiting"), "{table:#?}");
     receive_all(place, place.receive, 3);
+}
+
+/// A redrive killed with SIGKILL a third of the way and run again ends with every message
+/// in the entity at least once and none in the dead-letter queue. `consumer` (on
+/// `place.receive`) dead-letters the `count` messages first.
+pub async fn redrive_killed_halfway(
+    place: &Place<'_>,
+    consumer: Box<dyn cloudbus::Subscriber>,
+    count: usize,
+) {
+    let sent = place
+        .run(
+            &["send", place.publish, "--count", &count.to_string()],
+            None,
+        )
+        .expect(0);
+    assert!(
+        sent.stderr.contains(&format!("sent {count} messages")),
+        "{sent:#?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ids = BTreeSet::new();
+    while ids.len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer got {} of {count}",
+            ids.len()
+        );
+        for delivery in consumer
+            .receive(10, Duration::from_secs(2))
+            .await
+            .expect("receive")
+        {
+            ids.insert(delivery.message().id.clone());
+            delivery
+                .dead_letter("Poison", "rejected by the test")
+                .await
+                .expect("dead-letter");
+        }
+    }
+    consumer.close().await.expect("close");
+
+    // The first redrive is killed once it has moved a third of them (a line each).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudbus"))
+        .args([
+            "dlq",
+            "redrive",
+            place.receive,
+            "--json",
+            "--idle-timeout",
+            place.idle,
+        ])
+        .envs(place.env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redrive runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let moved_before_kill = tokio::task::block_in_place(|| {
+        use std::io::BufRead;
+        let mut moved = 0;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if line.is_err() {
+                break;
+            }
+            moved += 1;
+            if moved >= count / 3 {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        moved
+    });
+    assert!(
+        moved_before_kill >= count / 3,
+        "the redrive moved {moved_before_kill} before the kill"
+    );
+
+    // Run again: it takes the rest, and what the killed run held once its locks run out.
+    let again = place
+        .run(
+            &["dlq", "redrive", place.receive, "--idle-timeout", "12s"],
+            None,
+        )
+        .expect(0);
+    assert!(again.stderr.contains("moved"), "{again:#?}");
+    let back = receive_at_least(place, &ids);
+    let missing: Vec<&String> = ids.iter().filter(|id| !back.contains(*id)).collect();
+    assert!(missing.is_empty(), "not back in the entity: {missing:?}");
+    wait_for_dead_letters(place, 0);
+}
+
+/// Receives (and acks) until every id of `ids` came at least once; the ids received.
+fn receive_at_least(place: &Place<'_>, ids: &BTreeSet<String>) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut got = BTreeSet::new();
+    while !ids.iter().all(|id| got.contains(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} came back",
+            got.len(),
+            ids.len()
+        );
+        let args = [
+            "receive",
+            place.receive,
+            "--json",
+            "--idle-timeout",
+            place.idle,
+        ];
+        for record in place.run(&args, None).expect(0).json() {
+            got.insert(record["id"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    got
 }

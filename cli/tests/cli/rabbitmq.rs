@@ -44,3 +44,18 @@ async fn rabbitmq_subscription_dead_letters_go_back_to_its_queue() {
     };
     dead_letters_list_and_redrive(&place, None, consumer, true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_redrive_killed_halfway_and_run_again_loses_nothing() {
+    let url = queue();
+    let consumer = cloudbus::connect_subscriber(url.as_str())
+        .await
+        .expect("subscriber");
+    let place = Place {
+        publish: &url,
+        receive: &url,
+        env: &[],
+        idle: "3s",
+    };
+    crate::cases::redrive_killed_halfway(&place, consumer, 200).await;
+}
