@@ -25,6 +25,7 @@
 mod cases;
 mod consumer;
 mod memory;
+pub mod proxy;
 
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use async_trait::async_trait;
 pub use cases::*;
 pub use consumer::*;
 pub use memory::MemoryHarness;
+pub use proxy::FaultProxy;
 
 pub use cloudbus_core::driver::Connect;
 
