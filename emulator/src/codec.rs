@@ -151,8 +151,87 @@ pub fn decode_performative(body: &Bytes) -> Result<(Performative, Bytes), Decode
             "unknown performative descriptor 0x{code:x}"
         )));
     }
-    let performative: Performative = serde_amqp::from_slice(&body[..end])?;
+    let performative: Performative = match serde_amqp::from_slice(&body[..end]) {
+        Ok(p) => p,
+        Err(e) => {
+            // Lenient second try: error infos with string keys (rhea, see below).
+            let mut copy = body[..end].to_vec();
+            if symbolize_error_info_keys(&mut copy, 0, 0)? == 0 {
+                return Err(e.into());
+            }
+            serde_amqp::from_slice(&copy).map_err(|_| DecodeError::from(e))?
+        }
+    };
     Ok((performative, body.slice(end..)))
+}
+
+/// Descriptor code of `error` (2.8.15).
+const ERROR_CODE: u64 = 0x1d;
+
+/// rhea, the AMQP stack of the JavaScript SDK `@azure/service-bus`, encodes the `info` of an
+/// `error` (2.8.15) as a map with *string* keys where the spec says `fields` (symbol keys):
+/// the SDK's dead-letter is a rejected disposition whose error info is
+/// `{"DeadLetterReason": .., "DeadLetterErrorDescription": ..}` as str8 keys, which
+/// serde_amqp refuses ("Invalid format code") and Service Bus accepts. Rewrites such keys to
+/// symbols in place, in every `error` inside the value at `pos` (str8 0xa1 -> sym8 0xa3,
+/// str32 0xb1 -> sym32 0xb3: the same layout); returns how many keys it rewrote.
+fn symbolize_error_info_keys(buf: &mut [u8], pos: usize, depth: u32) -> Result<usize, DecodeError> {
+    if depth > 64 {
+        return Err(DecodeError("AMQP value nested too deeply".into()));
+    }
+    let code = *buf.get(pos).ok_or_else(DecodeError::truncated)?;
+    match code {
+        0x00 => {
+            let value = skip_value(buf, pos + 1)?;
+            if descriptor_code(buf, pos)? != ERROR_CODE {
+                return symbolize_error_info_keys(buf, value, depth + 1);
+            }
+            // error: [condition, description, info]
+            let Some(&info) = compound_items(buf, value)?.get(2) else {
+                return Ok(0);
+            };
+            let mut rewritten = 0;
+            if matches!(buf[info], 0xc1 | 0xd1) {
+                for key in compound_items(buf, info)?.into_iter().step_by(2) {
+                    if matches!(buf[key], 0xa1 | 0xb1) {
+                        buf[key] += 2;
+                        rewritten += 1;
+                    }
+                }
+            }
+            Ok(rewritten)
+        }
+        0xc0 | 0xd0 | 0xc1 | 0xd1 => {
+            let mut rewritten = 0;
+            for item in compound_items(buf, pos)? {
+                rewritten += symbolize_error_info_keys(buf, item, depth + 1)?;
+            }
+            Ok(rewritten)
+        }
+        _ => Ok(0),
+    }
+}
+
+/// The offsets of the items of the list or map at `pos` (keys and values alternate in a
+/// map); none for any other value.
+fn compound_items(buf: &[u8], pos: usize) -> Result<Vec<usize>, DecodeError> {
+    let code = *buf.get(pos).ok_or_else(DecodeError::truncated)?;
+    let (count, first) = match code {
+        0xc0 | 0xc1 => (read_len(buf, pos + 2, 1)?, pos + 3),
+        0xd0 | 0xd1 => (read_len(buf, pos + 5, 4)?, pos + 9),
+        _ => return Ok(Vec::new()),
+    };
+    let end = skip_value(buf, pos)?;
+    let mut items = Vec::with_capacity(count.min(64));
+    let mut at = first;
+    for _ in 0..count {
+        if at >= end {
+            return Err(DecodeError::truncated());
+        }
+        items.push(at);
+        at = skip_value(buf, at)?;
+    }
+    Ok(items)
 }
 
 /// The numeric descriptor code of the described value at `pos`, mapping the
@@ -195,6 +274,7 @@ fn symbolic_code(name: &[u8]) -> u64 {
         b"amqp:detach:list" => 0x16,
         b"amqp:end:list" => 0x17,
         b"amqp:close:list" => 0x18,
+        b"amqp:error:list" => ERROR_CODE,
         b"amqp:header:list" => section::HEADER,
         b"amqp:delivery-annotations:map" => section::DELIVERY_ANNOTATIONS,
         b"amqp:message-annotations:map" => section::MESSAGE_ANNOTATIONS,
@@ -296,6 +376,44 @@ mod tests {
         assert!(decode_performative(&body).is_err());
         let close = encode(&Performative::Close(Close { error: None }));
         assert!(decode_performative(&Bytes::from(close)).is_ok());
+    }
+
+    /// The disposition the JavaScript SDK (rhea) sends to dead-letter a message: a rejected
+    /// state whose error info map has string keys (as captured from @azure/service-bus 7.9.5).
+    #[test]
+    fn error_info_with_string_keys_decodes() {
+        let hex = "005315d0000000790000000541434342005325d0000000690000000100531dd00000005d\
+                   00000003a319636f6d2e6d6963726f736f66743a646561642d6c657474657240d10000003800\
+                   000004a110446561644c6574746572526561736f6ea10152a11a446561644c65747465724572\
+                   726f724465736372697074696f6ea10144";
+        let hex: String = hex.split_whitespace().collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        assert!(serde_amqp::from_slice::<Performative>(&bytes).is_err());
+        let (p, payload) = decode_performative(&Bytes::from(bytes)).expect("decodes");
+        assert!(payload.is_empty());
+        let Performative::Disposition(d) = p else {
+            panic!("not a disposition: {p:?}");
+        };
+        let Some(fe2o3_amqp_types::messaging::DeliveryState::Rejected(r)) = d.state else {
+            panic!("not rejected: {:?}", d.state);
+        };
+        let error = r.error.expect("error");
+        let info = error.info.expect("info");
+        let get = |k: &str| {
+            info.get(&fe2o3_amqp_types::primitives::Symbol::from(k))
+                .cloned()
+        };
+        assert_eq!(
+            get("DeadLetterReason"),
+            Some(fe2o3_amqp_types::primitives::Value::String("R".into()))
+        );
+        assert_eq!(
+            get("DeadLetterErrorDescription"),
+            Some(fe2o3_amqp_types::primitives::Value::String("D".into()))
+        );
     }
 
     #[test]
