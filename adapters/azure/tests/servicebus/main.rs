@@ -1,11 +1,14 @@
 //! Every test of the Service Bus adapter, against the project's emulator, in one test
 //! binary: the conformance and consumer suites on a queue, a topic with two subscriptions,
 //! a session-enabled queue and a queue read through three receivers; a 10,000-message soak;
-//! and interoperability with the official Python SDK.
+//! and interoperability with the official Python SDK (`interop`) and the official
+//! JavaScript SDK `@azure/service-bus` (`interop_js`, `npm ci --prefix
+//! adapters/azure/tests/servicebus/js` first).
 
 mod emulator;
 mod harness;
 mod interop;
+mod interop_js;
 mod soak;
 
 mod queue {
