@@ -142,6 +142,15 @@ impl ServiceBusConfig {
             None => self.entity.clone(),
         }
     }
+
+    /// The path a receiver's link opens: [`Self::path`], or its dead-letter queue.
+    pub(crate) fn receive_path(&self) -> String {
+        if self.dead_letter {
+            format!("{}/$DeadLetterQueue", self.path())
+        } else {
+            self.path()
+        }
+    }
 }
 
 #[async_trait]

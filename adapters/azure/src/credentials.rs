@@ -1,12 +1,8 @@
 //! How to reach the namespace: a connection string (SAS key or token, or the emulator's),
-//! or a namespace with an Entra ID token credential; and the client made from it.
+//! or a namespace with an Entra ID token credential.
 
 use std::sync::Arc;
 
-use azservicebus::core::BasicRetryPolicy;
-use azservicebus::{
-    ServiceBusClient, ServiceBusClientOptions, ServiceBusConnectionStringProperties,
-};
 use azure_core::credentials::TokenCredential;
 use azure_identity::{
     DefaultAzureCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions,
@@ -16,23 +12,18 @@ use cloudbus_core::config::Secret;
 use cloudbus_core::{Error, Result};
 
 use crate::config::{Credential, ServiceBusConfig};
-use crate::error::map_error;
+use crate::protocol::Namespace;
+use crate::protocol::token::TokenSource;
 use crate::{CONNECTION_STRING_ENV, TRANSPORT};
 
-pub(crate) type Client = ServiceBusClient<BasicRetryPolicy>;
+/// The port of AMQP over TLS, and of plain AMQP (the emulator's).
+const AMQPS_PORT: u16 = 5671;
+const AMQP_PORT: u16 = 5672;
 
-/// How to reach the namespace. Neither form is ever logged.
-pub(crate) enum Connection {
-    /// A connection string; `emulator` when it says `UseDevelopmentEmulator=true`.
-    ConnectionString { secret: Secret, emulator: bool },
-    /// A fully qualified namespace reached with an Entra ID token.
-    Token {
-        namespace: String,
-        credential: Arc<dyn TokenCredential>,
-    },
-}
-
-pub(crate) fn connection(config: &ServiceBusConfig) -> Result<Connection> {
+/// Where the namespace is and how to authenticate: from the connection string (its
+/// `Endpoint`, with the port it gives, plain TCP when `UseDevelopmentEmulator=true`), or
+/// the `namespace` with an Entra ID credential.
+pub(crate) fn namespace(config: &ServiceBusConfig) -> Result<Namespace> {
     if let Some(namespace) = &config.namespace {
         if config.connection_string.is_some() {
             return Err(Error::config(
@@ -40,9 +31,11 @@ pub(crate) fn connection(config: &ServiceBusConfig) -> Result<Connection> {
                  connection string authenticates with its key; `namespace` with an Entra ID token)",
             ));
         }
-        return Ok(Connection::Token {
-            namespace: fully_qualified(namespace)?,
-            credential: token_credential(config)?,
+        return Ok(Namespace {
+            host: fully_qualified(namespace)?,
+            port: AMQPS_PORT,
+            tls: true,
+            auth: TokenSource::EntraId(token_credential(config)?),
         });
     }
     let secret = match &config.connection_string {
@@ -54,37 +47,74 @@ pub(crate) fn connection(config: &ServiceBusConfig) -> Result<Connection> {
             ))
         })?),
     };
-    let properties =
-        ServiceBusConnectionStringProperties::parse(secret.expose()).map_err(|_| {
-            Error::config(
-                "the Service Bus connection string is malformed (its contents are not shown): \
-             expected Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=... \
-             or ...;SharedAccessSignature=...",
-            )
-        })?;
-    let emulator = secret
-        .expose()
-        .split(';')
-        .filter_map(|part| part.split_once('='))
-        .any(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("UseDevelopmentEmulator")
-                && v.trim().eq_ignore_ascii_case("true")
-        });
-    if emulator {
-        let port = properties.endpoint().and_then(|e| e.port());
-        if port.is_some_and(|p| p != 5672) {
-            return Err(Error::Unsupported {
-                transport: TRANSPORT,
-                feature: format!(
-                    "emulator port {}: the azservicebus client always dials port 5672; run the \
-                     emulator on <host>:5672 (several can run side by side on distinct loopback \
-                     addresses such as 127.0.0.7)",
-                    port.unwrap_or_default()
-                ),
-            });
+    parse_connection_string(&secret)
+}
+
+/// Parses `Endpoint=sb://<host>[:<port>]/;SharedAccessKeyName=..;SharedAccessKey=..` (or
+/// `SharedAccessSignature=..`), with `UseDevelopmentEmulator=true` for plain TCP. Errors
+/// never quote it.
+fn parse_connection_string(secret: &Secret) -> Result<Namespace> {
+    let malformed = |what: &str| {
+        Error::config(format!(
+            "the Service Bus connection string is malformed ({what}; its contents are not \
+             shown): expected Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=... \
+             or Endpoint=...;SharedAccessSignature=..."
+        ))
+    };
+    let mut endpoint = None;
+    let (mut key_name, mut key, mut signature) = (None, None, None);
+    let mut emulator = false;
+    for part in secret.expose().split(';') {
+        let Some((k, v)) = part.split_once('=') else {
+            continue;
+        };
+        let v = v.trim();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "endpoint" => endpoint = Some(v),
+            "sharedaccesskeyname" => key_name = Some(v),
+            "sharedaccesskey" => key = Some(v),
+            "sharedaccesssignature" => signature = Some(v),
+            "usedevelopmentemulator" => emulator = v.eq_ignore_ascii_case("true"),
+            _ => {}
         }
     }
-    Ok(Connection::ConnectionString { secret, emulator })
+    let endpoint = endpoint.ok_or_else(|| malformed("no Endpoint"))?;
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let authority = authority.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            Some(
+                port.parse::<u16>()
+                    .map_err(|_| malformed("the Endpoint's port is not a number"))?,
+            ),
+        ),
+        None => (authority, None),
+    };
+    if host.is_empty() {
+        return Err(malformed("the Endpoint has no host"));
+    }
+    let auth = match (key_name, key, signature) {
+        (_, _, Some(signature)) => TokenSource::SasToken(Secret::new(signature)),
+        (Some(name), Some(key), None) => TokenSource::SasKey {
+            name: name.to_string(),
+            key: Secret::new(key),
+        },
+        _ => {
+            return Err(malformed(
+                "neither SharedAccessKeyName with SharedAccessKey nor SharedAccessSignature",
+            ));
+        }
+    };
+    Ok(Namespace {
+        host: host.to_string(),
+        port: port.unwrap_or(if emulator { AMQP_PORT } else { AMQPS_PORT }),
+        tls: !emulator,
+        auth,
+    })
 }
 
 /// `my-ns` means `my-ns.servicebus.windows.net`; a name with a dot is taken as it is.
@@ -149,38 +179,6 @@ pub(crate) fn token_credential(config: &ServiceBusConfig) -> Result<Arc<dyn Toke
     })
 }
 
-pub(crate) async fn client(connection: &Connection) -> Result<Client> {
-    let options = ServiceBusClientOptions::default();
-    let (client, name) = match connection {
-        Connection::ConnectionString {
-            secret,
-            emulator: true,
-        } => (
-            ServiceBusClient::<BasicRetryPolicy>::unsecured()
-                .new_from_connection_string(secret.expose(), options)
-                .await,
-            "(from the connection string)",
-        ),
-        Connection::ConnectionString { secret, .. } => (
-            ServiceBusClient::new_from_connection_string(secret.expose(), options).await,
-            "(from the connection string)",
-        ),
-        Connection::Token {
-            namespace,
-            credential,
-        } => (
-            ServiceBusClient::new_from_token_credential(
-                namespace.clone(),
-                credential.clone(),
-                options,
-            )
-            .await,
-            namespace.as_str(),
-        ),
-    };
-    client.map_err(|e| map_error("connect", &e, "namespace", name))
-}
-
 /// Blanks the values of `SharedAccessKey=` and `SharedAccessSignature=` in a client's
 /// message, in case it quotes a connection string or token.
 pub(crate) fn redact(text: &str) -> String {
@@ -214,36 +212,63 @@ mod tests {
     }
 
     #[test]
-    fn connection_strings_select_tls_and_check_the_port() {
+    fn connection_strings_select_tls_and_keep_the_port() {
         let config = |cs: &str| {
             let mut config = servicebus_config("servicebus://q");
             config.connection_string = Some(Secret::new(cs));
             config
         };
-        let emulator = connection(&config(
+        let emulator = namespace(&config(
             "Endpoint=sb://127.0.0.7;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true;",
         ))
         .unwrap();
-        assert!(matches!(
-            emulator,
-            Connection::ConnectionString { emulator: true, .. }
-        ));
-        let cloud = connection(&config(
+        assert_eq!(
+            (emulator.host.as_str(), emulator.port, emulator.tls),
+            ("127.0.0.7", 5672, false)
+        );
+        let cloud = namespace(&config(
             "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v",
         ))
         .unwrap();
-        assert!(matches!(
-            cloud,
-            Connection::ConnectionString {
-                emulator: false,
-                ..
-            }
-        ));
-        let other_port = connection(&config(
+        assert_eq!(
+            (cloud.host.as_str(), cloud.port, cloud.tls),
+            ("ns.servicebus.windows.net", 5671, true)
+        );
+        let other_port = namespace(&config(
             "Endpoint=sb://localhost:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true;",
-        ));
-        assert!(matches!(other_port, Err(Error::Unsupported { .. })));
+        ))
+        .unwrap();
+        assert_eq!(
+            (other_port.host.as_str(), other_port.port),
+            ("localhost", 5673)
+        );
+        let token = namespace(&config(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=a&sig=b&se=1&skn=k",
+        ))
+        .unwrap();
+        assert!(matches!(token.auth, TokenSource::SasToken(_)));
+        for bad in [
+            "SharedAccessKey=topsecret",
+            "Endpoint=sb://x;SharedAccessKey=topsecret",
+            "Endpoint=sb://x:yy;SharedAccessKeyName=k;SharedAccessKey=topsecret",
+        ] {
+            let text = namespace(&config(bad))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                text.contains("malformed") && !text.contains("topsecret"),
+                "{text}"
+            );
+        }
         let text = format!("{:?}", config("Endpoint=sb://x;SharedAccessKey=topsecret"));
+        assert!(!text.contains("topsecret"), "{text}");
+        let text = format!(
+            "{:?}",
+            namespace(&config(
+                "Endpoint=sb://x;SharedAccessKeyName=k;SharedAccessKey=topsecret"
+            ))
+        );
         assert!(!text.contains("topsecret"), "{text}");
     }
 
@@ -263,20 +288,22 @@ mod tests {
                 "my-ns.servicebus.windows.net",
             ),
         ] {
-            match connection(&servicebus_config(url)) {
-                Ok(Connection::Token { namespace, .. }) => assert_eq!(namespace, expected, "{url}"),
-                Ok(_) => panic!("{url}: not a token credential"),
+            match namespace(&servicebus_config(url)) {
+                Ok(found) => {
+                    assert_eq!(found.host, expected, "{url}");
+                    assert!(matches!(found.auth, TokenSource::EntraId(_)), "{url}");
+                }
                 Err(error) => panic!("{url}: {error}"),
             }
         }
         let mut both = servicebus_config("servicebus://q?namespace=my-ns");
         both.connection_string = Some(Secret::new("Endpoint=sb://x;SharedAccessKey=k"));
-        let text = connection(&both)
+        let text = namespace(&both)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(text.contains("set one"), "{text}");
-        let bad = connection(&servicebus_config("servicebus://q?namespace=a;b"));
+        let bad = namespace(&servicebus_config("servicebus://q?namespace=a;b"));
         assert!(matches!(bad, Err(Error::InvalidInput { field, .. }) if field == "namespace"));
     }
 

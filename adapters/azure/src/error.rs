@@ -5,17 +5,11 @@ use cloudbus_core::Error;
 use crate::TRANSPORT;
 use crate::credentials::redact;
 
-/// Maps a client error to a cloudbus error by its AMQP condition.
-pub(crate) fn map_error(
-    action: &str,
-    error: &azure_core::Error,
-    entity: &'static str,
-    name: &str,
-) -> Error {
-    let credential = matches!(error.kind(), azure_core::error::ErrorKind::Credential);
-    let text = redact(&format!("{error:?} {error}"));
-    let error = redact(&error.to_string());
-    let lower = text.to_ascii_lowercase();
+/// Maps an AMQP error (its debug text: conditions such as `amqp:not-found`) to a cloudbus
+/// error.
+pub(crate) fn map_amqp_error(action: &str, text: &str, entity: &'static str, name: &str) -> Error {
+    let error = redact(text);
+    let lower = error.to_ascii_lowercase();
     if lower.contains("not-found") || lower.contains("notfound") || lower.contains("not found") {
         return Error::NotFound {
             transport: TRANSPORT,
@@ -23,7 +17,7 @@ pub(crate) fn map_error(
             name: name.to_string(),
         };
     }
-    if credential || lower.contains("unauthorized") || lower.contains("unauthorised") {
+    if lower.contains("unauthorized") || lower.contains("unauthorised") {
         return Error::Unauthorized {
             transport: TRANSPORT,
             message: format!("{action}: {error}"),
@@ -53,11 +47,6 @@ pub(crate) fn lock_lost(message_id: &str) -> Error {
         transport: TRANSPORT,
         message_id: message_id.to_string(),
     }
-}
-
-pub(crate) fn is_lock_lost(error: &azure_core::Error) -> bool {
-    let text = format!("{error:?} {error}").to_ascii_lowercase();
-    text.contains("lock-lost") || text.contains("locklost") || text.contains("lock lost")
 }
 
 pub(crate) fn closed(what: &'static str) -> Error {

@@ -1,14 +1,14 @@
 //! # cloudbus-azure
 //!
 //! Azure Service Bus for cloudbus: `servicebus://<queue or topic>[?subscription=<name>]`,
-//! on the `azservicebus` AMQP 1.0 client.
+//! on a thin Service Bus client of its own over AMQP 1.0 ([`fe2o3-amqp`](https://docs.rs/fe2o3-amqp)).
 //!
-//! `azservicebus` senders and receivers take `&mut self` for every call and are not `Sync`,
-//! so each cloudbus publisher and subscriber owns one in a task of its own and talks to it
-//! through a channel. A receiver's task also settles the messages it received (AMQP
-//! settles on the receiving link), renews locks that [`Delivery::extend`](cloudbus_core::Delivery::extend) asked to keep,
-//! and splits long receive waits into short slices so that settlements never wait long
-//! behind an idle long poll.
+//! A publisher, subscriber or inspector keeps one connection (reconnected with backoff
+//! when it drops) and runs on the caller's runtime. A publisher keeps several batch
+//! transfers in flight on one sender link. A subscriber's receive links (`receivers`) each
+//! have a task that receives and settles (AMQP settles on the receiving link) without
+//! waiting behind a pending receive, and renews locks that
+//! [`Delivery::extend`](cloudbus_core::Delivery::extend) asked to keep.
 //!
 //! Settlement: ack = complete; `nack(ZERO)` = abandon; `nack(delay)` keeps the message
 //! locked (renewing the lock) until the delay has passed and then abandons it, so it is
@@ -38,15 +38,14 @@
 
 #![warn(missing_docs)]
 
-mod client_thread;
 mod config;
 mod credentials;
 mod error;
 mod inspector;
 mod mapping;
+mod protocol;
 mod publisher;
 mod receiver;
-mod sessions;
 mod settle;
 mod subscriber;
 

@@ -3,12 +3,14 @@
 
 use std::time::SystemTime;
 
-use azservicebus::{ServiceBusMessage, ServiceBusPeekedMessage, ServiceBusReceivedMessage};
 use cloudbus_core::{Error, Message, Result};
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Body};
-use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue, Value};
+use fe2o3_amqp_types::messaging::{
+    ApplicationProperties, Batch, Body, Data, Header, MessageAnnotations, MessageId, Properties,
+};
+use fe2o3_amqp_types::primitives::{Binary, OrderedMap, SimpleValue, Timestamp, Value};
 
 use crate::TRANSPORT;
+use crate::protocol::codec::{AmqpMessage, annotation, to_millis};
 
 /// Service Bus limit on message ids and session ids.
 pub(crate) const MAX_ID_LEN: usize = 128;
@@ -36,7 +38,7 @@ pub(crate) fn to_servicebus(
     message: &Message,
     sessions: bool,
     limit: usize,
-) -> Result<ServiceBusMessage> {
+) -> Result<AmqpMessage> {
     let invalid = |field: &'static str, rule: String| Error::InvalidInput {
         transport: TRANSPORT,
         field,
@@ -100,32 +102,54 @@ pub(crate) fn to_servicebus(
             limit,
         });
     }
-    let mut out = ServiceBusMessage::new(message.payload.to_vec());
-    out.set_message_id(message.id.clone())
-        .map_err(|e| invalid("id", e.to_string()))?;
-    out.set_content_type(message.content_type.clone());
-    out.set_correlation_id(message.correlation_id.clone());
-    out.set_subject(message.subject.clone());
-    if let Some(session_id) = session_id {
-        out.set_session_id(session_id)
-            .map_err(|e| invalid("ordering_key", e.to_string()))?;
-    }
-    if let Some(ttl) = message.time_to_live {
-        out.set_time_to_live(ttl)
-            .map_err(|e| invalid("time_to_live", e.to_string()))?;
-    }
-    if let Some(at) = message.deliver_at.filter(|at| *at > SystemTime::now()) {
-        out.set_scheduled_enqueue_time(at.into());
-    }
-    if !message.attributes.is_empty() {
-        let map: OrderedMap<String, SimpleValue> = message
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), SimpleValue::String(v.clone())))
-            .collect();
-        *out.application_properties_mut() = Some(ApplicationProperties(map));
-    }
-    Ok(out)
+    let mut properties = Properties::builder()
+        .message_id(MessageId::String(message.id.clone()))
+        .build();
+    properties.subject = message.subject.clone();
+    properties.correlation_id = message.correlation_id.clone().map(MessageId::String);
+    properties.content_type = message.content_type.clone().map(Into::into);
+    properties.group_id = session_id;
+    let header = message.time_to_live.map(|ttl| Header {
+        durable: true,
+        ttl: Some(u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX)),
+        ..Header::default()
+    });
+    let message_annotations = message
+        .deliver_at
+        .filter(|at| *at > SystemTime::now())
+        .map(|at| {
+            MessageAnnotations::builder()
+                .insert(
+                    "x-opt-scheduled-enqueue-time",
+                    Value::Timestamp(Timestamp::from_milliseconds(to_millis(at))),
+                )
+                .build()
+        });
+    let application_properties = (!message.attributes.is_empty()).then(|| {
+        ApplicationProperties(
+            message
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), SimpleValue::String(v.clone())))
+                .collect::<OrderedMap<String, SimpleValue>>(),
+        )
+    });
+    Ok(AmqpMessage {
+        header,
+        delivery_annotations: None,
+        message_annotations,
+        properties: Some(properties),
+        application_properties,
+        body: Body::Data(Batch::new(vec![Data(Binary::from(
+            message.payload.to_vec(),
+        ))])),
+        footer: None,
+    })
+}
+
+/// The session id of a message for the wire.
+pub(crate) fn session_of(message: &AmqpMessage) -> Option<&str> {
+    message.properties.as_ref()?.group_id.as_deref()
 }
 
 /// The text form of an application property from another producer: numbers and booleans
@@ -157,61 +181,22 @@ pub(crate) fn simple_text(value: &SimpleValue) -> String {
     }
 }
 
-/// What the decoding reads of a received or a peeked message (azservicebus gives the two
-/// the same accessors on different types).
-pub(crate) trait Incoming {
-    fn raw(&self) -> &fe2o3_amqp_types::messaging::Message<Body<Value>>;
-    fn message_id(&self) -> Option<std::borrow::Cow<'_, str>>;
-    fn sequence_number(&self) -> i64;
-    fn application_properties(&self) -> Option<&ApplicationProperties>;
-    fn content_type(&self) -> Option<&str>;
-    fn correlation_id(&self) -> Option<std::borrow::Cow<'_, str>>;
-    fn subject(&self) -> Option<&str>;
-    fn session_id(&self) -> Option<&str>;
-    fn time_to_live(&self) -> Option<std::time::Duration>;
-}
-
-macro_rules! incoming {
-    ($type:ty) => {
-        impl Incoming for $type {
-            fn raw(&self) -> &fe2o3_amqp_types::messaging::Message<Body<Value>> {
-                self.raw_amqp_message()
-            }
-            fn message_id(&self) -> Option<std::borrow::Cow<'_, str>> {
-                <$type>::message_id(self)
-            }
-            fn sequence_number(&self) -> i64 {
-                <$type>::sequence_number(self)
-            }
-            fn application_properties(&self) -> Option<&ApplicationProperties> {
-                <$type>::application_properties(self)
-            }
-            fn content_type(&self) -> Option<&str> {
-                <$type>::content_type(self)
-            }
-            fn correlation_id(&self) -> Option<std::borrow::Cow<'_, str>> {
-                <$type>::correlation_id(self)
-            }
-            fn subject(&self) -> Option<&str> {
-                <$type>::subject(self)
-            }
-            fn session_id(&self) -> Option<&str> {
-                <$type>::session_id(self)
-            }
-            fn time_to_live(&self) -> Option<std::time::Duration> {
-                <$type>::time_to_live(self)
-            }
+/// The text of a message id or correlation id.
+fn id_text(id: &MessageId) -> String {
+    match id {
+        MessageId::String(s) => s.clone(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
+        MessageId::Binary(b) => {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(b.as_ref() as &[u8])
         }
-    };
+    }
 }
-
-incoming!(ServiceBusReceivedMessage);
-incoming!(ServiceBusPeekedMessage);
 
 /// Converts a received (or peeked) message; `sessions` says whether a session id is an
 /// ordering key.
-pub(crate) fn from_servicebus(received: &impl Incoming, sessions: bool) -> Message {
-    let raw = received.raw();
+pub(crate) fn from_servicebus(raw: &AmqpMessage, sessions: bool) -> Message {
     let payload: Vec<u8> = match &raw.body {
         Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
         Body::Value(value) => match &value.0 {
@@ -219,27 +204,42 @@ pub(crate) fn from_servicebus(received: &impl Incoming, sessions: bool) -> Messa
             Value::Binary(b) => b.to_vec(),
             other => format!("{other:?}").into_bytes(),
         },
+        Body::Empty => Vec::new(),
         other => format!("{other:?}").into_bytes(),
     };
-    let id = received
-        .message_id()
-        .map(|id| id.into_owned())
-        .unwrap_or_else(|| received.sequence_number().to_string());
-    let mut message = Message::with_id_and_payload(id.clone(), payload);
-    if let Some(ApplicationProperties(properties)) = received.application_properties() {
+    let properties = raw.properties.as_ref();
+    let id = properties
+        .and_then(|p| p.message_id.as_ref())
+        .map(id_text)
+        .unwrap_or_else(|| {
+            match annotation(raw.message_annotations.as_ref(), "x-opt-sequence-number") {
+                Some(Value::Long(n)) => n.to_string(),
+                _ => String::new(),
+            }
+        });
+    let mut message = Message::with_id_and_payload(id, payload);
+    if let Some(ApplicationProperties(properties)) = &raw.application_properties {
         message.attributes = properties
             .iter()
             .map(|(k, v)| (k.clone(), simple_text(v)))
             .collect();
     }
-    message.content_type = received.content_type().map(str::to_string);
-    message.correlation_id = received.correlation_id().map(|c| c.into_owned());
-    message.subject = received.subject().map(str::to_string);
-    message.ordering_key = received
-        .session_id()
+    message.content_type = properties
+        .and_then(|p| p.content_type.as_ref())
+        .map(|c| c.0.clone());
+    message.correlation_id = properties
+        .and_then(|p| p.correlation_id.as_ref())
+        .map(id_text);
+    message.subject = properties.and_then(|p| p.subject.clone());
+    message.ordering_key = properties
+        .and_then(|p| p.group_id.as_deref())
         .filter(|s| sessions && !s.starts_with(UNORDERED_SESSION_PREFIX))
         .map(str::to_string);
-    message.time_to_live = received.time_to_live();
+    message.time_to_live = raw
+        .header
+        .as_ref()
+        .and_then(|h| h.ttl)
+        .map(|ms| std::time::Duration::from_millis(u64::from(ms)));
     message
 }
 

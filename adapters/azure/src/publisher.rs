@@ -1,34 +1,40 @@
-//! [`ServiceBusPublisher`]: a sender in a task of its own, fed through a channel, with
-//! automatic batching of concurrent `publish()` calls.
+//! [`ServiceBusPublisher`]: a sender link with many transfers in flight, and automatic
+//! batching of concurrent `publish()` calls.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use azservicebus::{ServiceBusMessage, ServiceBusSender, ServiceBusSenderOptions};
 use cloudbus_core::driver::batcher::{Batcher, Limits, SendBatch};
 use cloudbus_core::{Destination, Error, Message, Publisher, Result};
-use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use fe2o3_amqp::link::Sender;
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp_types::messaging::{Body, Outcome};
+use fe2o3_amqp_types::primitives::Value;
+use futures::StreamExt;
+use tokio::sync::Mutex;
 
 use crate::TRANSPORT;
-use crate::client_thread::on_client_thread;
 use crate::config::ServiceBusConfig;
-use crate::credentials::{Client, client, connection};
-use crate::error::{closed, map_error};
-use crate::mapping::{ENCODING_OVERHEAD, to_servicebus};
+use crate::credentials::namespace;
+use crate::error::{closed, map_amqp_error};
+use crate::mapping::{ENCODING_OVERHEAD, session_of, to_servicebus};
+use crate::protocol::codec::{AmqpMessage, transfer};
+use crate::protocol::{Connection, Lost};
 
-enum SendCommand {
-    Send(Vec<ServiceBusMessage>, oneshot::Sender<Result<()>>),
-    Close(oneshot::Sender<()>),
-}
+/// How long a publish retries transient failures (a lost connection, a broker that is
+/// restarting) before it reports the last one.
+const SEND_RETRY: Duration = Duration::from_secs(60);
+/// Batches a publisher keeps in flight at once on its link.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 /// Publishes to a Service Bus queue or topic.
 pub struct ServiceBusPublisher {
-    commands: mpsc::Sender<SendCommand>,
-    batcher: Option<Batcher<ServiceBusMessage>>,
+    link: Arc<SendLink>,
+    batcher: Option<Batcher<AmqpMessage>>,
     entity: String,
     sessions: bool,
     max_message_size: usize,
@@ -58,31 +64,30 @@ impl ServiceBusPublisher {
                 "`batch_size=0`: a batch holds at least one message; use 1 or more (or batching=false)",
             ));
         }
-        let (commands, incoming) = mpsc::channel(64);
-        let owned = config.clone();
-        on_client_thread(move || async move {
-            let (client, sender) = open_sender(&owned).await?;
-            Ok(run_sender(owned, client, sender, incoming))
-        })
-        .await?;
-        // One transfer at a time (the sender's link sends one after another anyway): what
-        // is published meanwhile gathers into the next batch.
+        let connection = Connection::open(namespace(config)?, "publisher").await?;
+        let link = Arc::new(SendLink {
+            connection,
+            path: config.entity.clone(),
+            sender: Mutex::new(None),
+        });
+        // Attach now, so that a missing entity is reported here.
+        link.attached().await?;
         let batcher = config.batching.then(|| {
             let limits = Limits {
                 max_items: config.batch_size,
                 max_bytes: config.max_message_size,
                 linger: Duration::ZERO,
-                max_calls: 1,
+                max_calls: BATCHES_IN_FLIGHT,
             };
-            let commands = commands.clone();
-            let send: SendBatch<ServiceBusMessage> = Arc::new(move |batch| {
-                let (commands, len) = (commands.clone(), batch.len());
-                Box::pin(async move { vec![send(&commands, batch).await; len] })
+            let link = link.clone();
+            let send: SendBatch<AmqpMessage> = Arc::new(move |batch| {
+                let (link, len) = (link.clone(), batch.len());
+                Box::pin(async move { vec![link.send(batch).await; len] })
             });
             Batcher::start(TRANSPORT, "publisher", limits, send)
         });
         Ok(ServiceBusPublisher {
-            commands,
+            link,
             batcher,
             entity: config.entity.clone(),
             sessions: config.uses_sessions(),
@@ -99,111 +104,107 @@ impl ServiceBusPublisher {
     }
 }
 
-/// Sends `messages` as one transfer through the sender's task.
-async fn send(
-    commands: &mpsc::Sender<SendCommand>,
-    messages: Vec<ServiceBusMessage>,
-) -> Result<()> {
-    let (reply, outcome) = oneshot::channel();
-    commands
-        .send(SendCommand::Send(messages, reply))
-        .await
-        .map_err(|_| closed("publisher"))?;
-    outcome.await.unwrap_or_else(|_| Err(closed("publisher")))
+/// The sender link of a publisher, attached again after a loss.
+struct SendLink {
+    connection: Connection,
+    path: String,
+    sender: Mutex<Option<(Sender, Lost)>>,
 }
 
-async fn run_sender(
-    config: ServiceBusConfig,
-    client: Client,
-    sender: ServiceBusSender,
-    mut commands: mpsc::Receiver<SendCommand>,
-) {
-    let mut link = Some((client, sender));
-    while let Some(command) = commands.recv().await {
-        match command {
-            SendCommand::Send(messages, reply) => {
-                if link.is_none() {
-                    // The last send failed inside the client: reconnect.
-                    link = open_sender(&config).await.ok();
+impl SendLink {
+    /// Makes sure a live sender is attached.
+    async fn attached(&self) -> Result<()> {
+        let mut sender = self.sender.lock().await;
+        self.attach_if_needed(&mut sender).await
+    }
+
+    async fn attach_if_needed(&self, sender: &mut Option<(Sender, Lost)>) -> Result<()> {
+        if sender.as_ref().is_none_or(|(_, lost)| lost.is_gone()) {
+            *sender = None;
+            let name = format!(
+                "cloudbus-sender-{}-{}",
+                std::process::id(),
+                NEXT_LINK.fetch_add(1, Ordering::Relaxed)
+            );
+            *sender = Some(self.connection.sender(name, &self.path).await?);
+        }
+        Ok(())
+    }
+
+    /// Sends `messages` as one transfer and waits until the broker accepted it, retrying
+    /// transient failures for up to [`SEND_RETRY`]. Reported sent only once accepted.
+    async fn send(&self, messages: Vec<AmqpMessage>) -> Result<()> {
+        let transfer = transfer(messages)?;
+        let deadline = Instant::now() + SEND_RETRY;
+        loop {
+            match self.try_send(&transfer).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.is_transient() && Instant::now() < deadline => {
+                    tracing::debug!(messaging.system = "servicebus", messaging.destination.name = %self.path, %error, "send failed; retrying");
                 }
-                let Some((_, sender)) = link.as_mut() else {
-                    let _ = reply.send(Err(Error::transport(
-                        TRANSPORT,
-                        "cannot reconnect to Service Bus",
-                        true,
-                        None,
-                    )));
-                    continue;
-                };
-                let retry = messages.clone();
-                let outcome = AssertUnwindSafe(sender.send_messages(messages))
-                    .catch_unwind()
-                    .await;
-                let outcome = match outcome {
-                    Ok(outcome) => {
-                        outcome.map_err(|e| map_error("send", &e, "queue or topic", &config.entity))
-                    }
-                    Err(_) => {
-                        // azservicebus 0.25 can panic when it retries a batch whose first
-                        // attempt failed after sending. Reconnect and send once more: the
-                        // messages may then arrive twice, which at-least-once allows (and
-                        // duplicate detection by message id removes).
-                        tracing::error!(
-                            messaging.system = "servicebus",
-                            messaging.destination.name = %config.entity,
-                            "the Service Bus client panicked while sending; reconnecting and sending again"
-                        );
-                        link = open_sender(&config).await.ok();
-                        match link.as_mut() {
-                            Some((_, sender)) => {
-                                match AssertUnwindSafe(sender.send_messages(retry))
-                                    .catch_unwind()
-                                    .await
-                                {
-                                    Ok(outcome) => outcome.map_err(|e| {
-                                        map_error("send", &e, "queue or topic", &config.entity)
-                                    }),
-                                    Err(_) => {
-                                        link = None;
-                                        Err(internal_send_failure())
-                                    }
-                                }
-                            }
-                            None => Err(internal_send_failure()),
-                        }
-                    }
-                };
-                let _ = reply.send(outcome);
-            }
-            SendCommand::Close(reply) => {
-                let _ = reply.send(());
-                break;
+                Err(error) => return Err(error),
             }
         }
     }
-    if let Some((client, sender)) = link {
-        let _ = sender.dispose().await;
-        let _ = client.dispose().await;
+
+    async fn try_send(&self, transfer: &Sendable<Body<Value>>) -> Result<()> {
+        let (delivery, mut lost) = {
+            let mut slot = self.sender.lock().await;
+            self.attach_if_needed(&mut slot).await?;
+            let Some((sender, lost)) = slot.as_mut() else {
+                return Err(closed("publisher"));
+            };
+            let lost = lost.clone();
+            match sender.send_batchable_ref(transfer).await {
+                Ok(delivery) => (delivery, lost),
+                Err(e) => {
+                    *slot = None;
+                    return Err(self.error(&e));
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = delivery => outcome,
+            () = lost.gone() => return Err(Error::transport(
+                TRANSPORT,
+                "the connection was lost before the broker confirmed the send",
+                true,
+                None,
+            )),
+        };
+        match outcome {
+            Ok(Outcome::Accepted(_)) => Ok(()),
+            Ok(Outcome::Rejected(rejected)) => Err(map_amqp_error(
+                "send",
+                &format!("{:?}", rejected.error),
+                "queue or topic",
+                &self.path,
+            )),
+            Ok(other) => Err(Error::transport(
+                TRANSPORT,
+                format!("send: the broker did not accept the message ({other:?})"),
+                true,
+                None,
+            )),
+            Err(e) => {
+                let mut slot = self.sender.lock().await;
+                *slot = None;
+                Err(self.error(&e))
+            }
+        }
     }
-}
 
-fn internal_send_failure() -> Error {
-    Error::transport(
-        TRANSPORT,
-        "the Service Bus client failed internally while sending; the messages may or may not have been sent",
-        true,
-        None,
-    )
-}
-
-async fn open_sender(config: &ServiceBusConfig) -> Result<(Client, ServiceBusSender)> {
-    let connection = connection(config)?;
-    let mut client = client(&connection).await?;
-    let sender = client
-        .create_sender(config.entity.clone(), ServiceBusSenderOptions::default())
-        .await
-        .map_err(|e| map_error("create sender", &e, "queue or topic", &config.entity))?;
-    Ok((client, sender))
+    fn error(&self, error: &fe2o3_amqp::link::SendError) -> Error {
+        let text = format!("{error:?}");
+        let mut mapped = map_amqp_error("send", &text, "queue or topic", &self.path);
+        // A link or connection that ended is worth another attempt on a new one.
+        if let Error::Transport { transient, .. } = &mut mapped {
+            if !text.contains("message-size-exceeded") {
+                *transient = true;
+            }
+        }
+        mapped
+    }
 }
 
 #[async_trait]
@@ -214,10 +215,10 @@ impl Publisher for ServiceBusPublisher {
         match &self.batcher {
             Some(batcher) => {
                 let size = message.payload_and_attributes_len() + ENCODING_OVERHEAD;
-                let session = converted.session_id().map(str::to_string);
+                let session = session_of(&converted).map(str::to_string);
                 batcher.send(converted, size, session).await?;
             }
-            None => send(&self.commands, vec![converted]).await?,
+            None => self.link.send(vec![converted]).await?,
         }
         Ok(message.id)
     }
@@ -230,7 +231,7 @@ impl Publisher for ServiceBusPublisher {
         // Batches are sent as one transfer, limited by the message size limit, with one
         // session id each (the partition key of a partitioned entity must be the same for
         // the whole batch).
-        let mut batches: Vec<(Vec<usize>, Vec<ServiceBusMessage>, usize)> = Vec::new();
+        let mut batches: Vec<(Vec<usize>, Vec<AmqpMessage>, usize)> = Vec::new();
         for (i, message) in messages.iter().enumerate() {
             match to_servicebus(message, self.sessions, self.max_message_size) {
                 Ok(converted) => {
@@ -238,8 +239,7 @@ impl Publisher for ServiceBusPublisher {
                     match batches.last_mut() {
                         Some((positions, batch, bytes))
                             if *bytes + size <= self.max_message_size
-                                && batch.first().and_then(|m| m.session_id())
-                                    == converted.session_id() =>
+                                && batch.first().and_then(session_of) == session_of(&converted) =>
                         {
                             positions.push(i);
                             batch.push(converted);
@@ -251,8 +251,15 @@ impl Publisher for ServiceBusPublisher {
                 Err(error) => outcomes[i] = Some(Err(error)),
             }
         }
-        for (positions, batch, _) in batches {
-            let outcome = send(&self.commands, batch).await;
+        // Up to BATCHES_IN_FLIGHT transfers at once.
+        let sent = futures::stream::iter(batches.into_iter().map(|(positions, batch, _)| {
+            let link = self.link.clone();
+            async move { (positions, link.send(batch).await) }
+        }))
+        .buffer_unordered(BATCHES_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+        for (positions, outcome) in sent {
             for i in positions {
                 outcomes[i] = Some(outcome.clone().map(|()| messages[i].id.clone()));
             }
@@ -270,10 +277,10 @@ impl Publisher for ServiceBusPublisher {
         if let Some(batcher) = &self.batcher {
             batcher.close().await;
         }
-        let (reply, done) = oneshot::channel();
-        if self.commands.send(SendCommand::Close(reply)).await.is_ok() {
-            let _ = done.await;
+        if let Some((sender, _)) = self.link.sender.lock().await.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), sender.close()).await;
         }
+        self.link.connection.close().await;
         Ok(())
     }
 

@@ -1,39 +1,61 @@
-//! The task that owns one receiver link: it receives, settles what it received (AMQP settles
-//! on the receiving link), renews locks it was asked to hold (`extend`, and a delayed
-//! `nack`), slices long receive waits so that settlements never wait long behind an idle
-//! receive, and for session-enabled entities takes sessions from the accepter task
-//! ([`crate::sessions`]).
+//! The task that owns one receive link: it receives, settles what it received (AMQP
+//! settles on the receiving link) without waiting behind a pending receive, renews locks
+//! it was asked to hold (`extend`, and a delayed `nack`), and for session-enabled entities
+//! takes sessions one at a time, each on a link (and AMQP session) of its own.
+//!
+//! Credit: a receive call grants what it asks for (plus `prefetch`) and drains the link
+//! when it returns, so the broker stops sending. What a drain still brings waits for the
+//! next call, and is released if none comes within [`BUFFER_HOLD`] (or at close), so that
+//! nothing sits locked on a link nobody reads.
 
 use std::collections::{HashMap, VecDeque};
-use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use azservicebus::receiver::DeadLetterOptions;
-use azservicebus::{ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusSessionReceiver};
 use cloudbus_core::driver::DeliveryInfo;
 use cloudbus_core::{Delivery, Error, Result};
+use fe2o3_amqp::link::Receiver;
+use fe2o3_amqp::link::delivery::{Delivery as AmqpDelivery, DeliveryInfo as AmqpDeliveryInfo};
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp_types::definitions::{self, ErrorCondition, Fields};
+use fe2o3_amqp_types::messaging::{Body, Modified, Source};
+use fe2o3_amqp_types::primitives::{Symbol, Value};
 use futures::FutureExt;
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::TRANSPORT;
-use crate::config::ServiceBusConfig;
-use crate::credentials::Client;
-use crate::error::{closed, is_lock_lost, lock_lost, map_error};
+use crate::config::{ReceiveMode, ServiceBusConfig};
+use crate::error::{closed, lock_lost, map_amqp_error};
 use crate::mapping::from_servicebus;
+use crate::protocol::codec::received;
+use crate::protocol::connection::ReceiverSpec;
+use crate::protocol::management::Management;
+use crate::protocol::{Connection, Lost};
 use crate::settle::ServiceBusSettle;
-use crate::subscriber::open_receivers;
 
-/// The longest a receive waits in one call to the client, so that settlements queued
-/// behind it wait at most this long.
-const RECEIVE_SLICE: Duration = Duration::from_millis(500);
 /// After the first message of a receive, how long to wait for more.
 const FOLLOW_UP_WAIT: Duration = Duration::from_millis(10);
-/// How often the receiver's task looks at locks to renew and delayed nacks to release.
+/// How often the task looks at locks to renew, delayed nacks to release and deliveries
+/// nobody took.
 const MAINTENANCE: Duration = Duration::from_millis(250);
-/// A session not received from for this long is released (once its deliveries are settled).
-const SESSION_IDLE: Duration = Duration::from_secs(1);
+/// A session that brings nothing for this long within a receive call is let go (once its
+/// deliveries are settled), and the next one is taken.
+const SESSION_IDLE: Duration = Duration::from_millis(500);
 /// Renew a held lock when it has less than this left.
 const RENEW_MARGIN: Duration = Duration::from_secs(2);
+/// Deliveries that arrived after a call ended wait this long for the next call, then are
+/// released (unlocked without counting a delivery).
+const BUFFER_HOLD: Duration = Duration::from_secs(1);
+/// How long the broker may hold an attach for the next available session.
+const SESSION_WAIT_MS: u32 = 5_000;
+/// The session filter, and the descriptor of its value.
+const SESSION_FILTER: &str = "com.microsoft:session-filter";
+const SESSION_FILTER_DESCRIPTOR: u64 = 0x0000_0137_0000_000C;
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) enum Command {
     Receive {
@@ -62,121 +84,126 @@ pub(crate) enum Settlement {
     Extend(Duration),
 }
 
-/// The receivers a subscriber task owns.
-pub(crate) enum Receivers {
-    Plain(Box<ServiceBusReceiver>),
-    /// After shutdown.
-    Closed,
-    Sessions {
-        /// Asks the accepter task for a session.
-        want: mpsc::Sender<()>,
-        /// A session was asked for and not yet handed over.
-        requested: bool,
-        /// Sessions locked by the accepter task, handed over one at a time.
-        accepted: mpsc::Receiver<Result<ServiceBusSessionReceiver>>,
-        accepter: tokio::task::JoinHandle<()>,
-        /// Receiving from one given session only.
-        pinned: bool,
-        /// The session being received from.
-        current: Option<Box<ServiceBusSessionReceiver>>,
-        /// Sessions no longer received from, kept until their deliveries are settled.
-        draining: Vec<ServiceBusSessionReceiver>,
-    },
+/// One receive link.
+struct Link {
+    id: u64,
+    name: String,
+    receiver: Receiver,
+    lost: Lost,
+    /// The session it holds (session-enabled entities), its lock's expiry, and the AMQP
+    /// session the link is on.
+    session: Option<String>,
+    session_locked_until: SystemTime,
+    own_session: Option<SessionHandle<()>>,
+    /// Credit was granted and not drained since.
+    credited: bool,
+    /// When it last brought a message (for letting an idle session go).
+    last_arrival: Instant,
+}
+
+impl Link {
+    /// Closes the link (and its own AMQP session), quietly.
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.receiver.close()).await;
+        if let Some(mut session) = self.own_session.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.end()).await;
+        }
+    }
+}
+
+/// A delivery that arrived and was not handed out yet.
+struct Buffered {
+    link: u64,
+    delivery: AmqpDelivery<Body<Value>>,
+    arrived: Instant,
 }
 
 /// A received, unsettled message.
 struct InFlight {
-    message: ServiceBusReceivedMessage,
-    /// The session it came from (its receiver settles it).
+    link: u64,
+    info: AmqpDeliveryInfo,
+    message_id: String,
     session: Option<String>,
+    locked_until: Option<SystemTime>,
     /// Keep the lock until then (extend, or a delayed nack).
     hold_until: Option<Instant>,
     /// Abandon when the hold ends (a delayed nack).
     abandon_after_hold: bool,
 }
 
+/// What woke the receive loop.
+enum Event {
+    Command(Option<Command>),
+    Delivery(std::result::Result<AmqpDelivery<Body<Value>>, String>),
+    /// A session lock attempt ended: the link, or `None` if no session became free.
+    Session(Result<Option<Link>>),
+    Lost,
+    Deadline,
+    Tick,
+}
+
 pub(crate) struct ReceiverTask {
-    /// What to reconnect to after a failure of the client.
-    config: ServiceBusConfig,
-    /// The connection; `None` once shut down.
-    client: Option<Client>,
+    connection: Connection,
+    management: Arc<Management>,
     path: String,
+    /// Whether session ids are ordering keys.
     sessions: bool,
-    receivers: Receivers,
+    /// Links take sessions (a session-enabled entity's queue, not its dead-letter queue).
+    session_links: bool,
+    pinned: Option<String>,
+    peek_lock: bool,
+    prefetch: u32,
+    current: Option<Link>,
+    /// Session links no longer received from, kept until their deliveries are settled.
+    draining: Vec<Link>,
+    /// A session being locked for this receiver.
+    pending_session: Option<tokio::task::JoinHandle<Result<Option<Link>>>>,
+    /// When the last receive call ended (`None` during one).
+    idle_since: Option<Instant>,
+    buffered: VecDeque<Buffered>,
     in_flight: HashMap<uuid::Uuid, InFlight>,
     /// For building deliveries; weak, so dropping the subscriber ends the task.
     commands: mpsc::WeakSender<Command>,
     /// Commands that arrived while a receive was in progress.
     backlog: VecDeque<Command>,
-    /// When a receive last ended: a session not received from for a while is released.
-    last_receive: Instant,
-}
-
-/// One settlement operation on whichever receiver owns the message.
-macro_rules! on_receiver {
-    ($task:expr, $session:expr, |$r:ident| $body:expr) => {{
-        match &mut $task.receivers {
-            Receivers::Closed => None,
-            Receivers::Plain($r) => Some($body),
-            Receivers::Sessions {
-                current, draining, ..
-            } => {
-                let owner = current
-                    .iter_mut()
-                    .map(|r| &mut **r)
-                    .chain(draining.iter_mut())
-                    .find(|r| Some(r.session_id()) == $session.as_deref());
-                match owner {
-                    Some($r) => Some($body),
-                    None => None,
-                }
-            }
-        }
-    }};
-}
-
-/// Receives on a plain or session receiver: waits up to `slice` for the first message,
-/// then takes whatever else is there at once (the client waits for all `max` otherwise).
-macro_rules! quick_receive {
-    ($receiver:expr, $max:expr, $slice:expr, $path:expr) => {{
-        async {
-            let mut got = $receiver
-                .receive_messages_with_max_wait_time(1, $slice)
-                .await
-                .map_err(|e| map_error("receive", &e, "queue", $path))?;
-            if !got.is_empty() && $max > 1 {
-                let more = $receiver
-                    .receive_messages_with_max_wait_time($max - 1, FOLLOW_UP_WAIT)
-                    .await
-                    .map_err(|e| map_error("receive", &e, "queue", $path))?;
-                got.extend(more);
-            }
-            Ok::<_, Error>(got)
-        }
-        .await
-    }};
 }
 
 impl ReceiverTask {
-    /// The task of a receiver (or session receivers) that `client` opened for `config`;
-    /// `commands` is the sending side of the channel it serves, for building deliveries.
+    /// The task of one receive link on `connection` for `config`; `commands` is the
+    /// sending side of the channel it serves, for building deliveries.
     pub(crate) fn new(
-        config: ServiceBusConfig,
-        client: Option<Client>,
-        receivers: Receivers,
+        config: &ServiceBusConfig,
+        connection: Connection,
+        management: Arc<Management>,
         commands: mpsc::WeakSender<Command>,
     ) -> Self {
         ReceiverTask {
-            path: config.path(),
+            connection,
+            management,
+            path: config.receive_path(),
             sessions: config.uses_sessions(),
-            config,
-            client,
-            receivers,
+            session_links: config.uses_sessions() && !config.dead_letter,
+            pinned: config.session.clone().filter(|_| !config.dead_letter),
+            peek_lock: config.receive_mode == ReceiveMode::PeekLock,
+            prefetch: config.prefetch,
+            current: None,
+            draining: Vec::new(),
+            pending_session: None,
+            idle_since: Some(Instant::now()),
+            buffered: VecDeque::new(),
             in_flight: HashMap::new(),
             commands,
             backlog: VecDeque::new(),
-            last_receive: Instant::now(),
         }
+    }
+
+    /// Attaches the first link (a plain one: sessions are taken by receive calls), so that
+    /// a missing entity is reported at connect.
+    pub(crate) async fn open(&mut self) -> Result<()> {
+        if !self.session_links {
+            self.current = Some(self.attach_plain().await?);
+        }
+        Ok(())
     }
 
     pub(crate) async fn run(mut self, mut incoming: mpsc::Receiver<Command>) {
@@ -198,24 +225,14 @@ impl ReceiverTask {
             };
             match command {
                 Command::Receive { max, wait, reply } => {
-                    let outcome = AssertUnwindSafe(self.receive(max, wait, &mut incoming))
-                        .catch_unwind()
-                        .await;
-                    let outcome = match outcome {
-                        Ok(outcome) => outcome,
-                        Err(_) => self.recover().await,
-                    };
+                    self.idle_since = None;
+                    let outcome = self.receive(max, wait, &mut incoming).await;
+                    self.end_of_call().await;
+                    self.idle_since = Some(Instant::now());
                     let _ = reply.send(outcome);
                 }
                 Command::Settle { token, how, reply } => {
-                    let outcome = AssertUnwindSafe(self.settle(token, how))
-                        .catch_unwind()
-                        .await;
-                    let outcome = match outcome {
-                        Ok(outcome) => outcome,
-                        Err(_) => self.recover::<SystemTime>().await,
-                    };
-                    let _ = reply.send(outcome);
+                    let _ = reply.send(self.settle(token, how).await);
                 }
                 Command::Close(reply) => {
                     self.shutdown().await;
@@ -227,198 +244,255 @@ impl ReceiverTask {
         self.shutdown().await;
     }
 
-    /// After the client panicked: drop its state (unsettled deliveries lose their locks and
-    /// are redelivered), reconnect, and report a transient error for the failed call.
-    async fn recover<T>(&mut self) -> Result<T> {
-        tracing::error!(
-            messaging.system = "servicebus",
-            messaging.destination.name = %self.path,
-            "the Service Bus client panicked; reconnecting (unsettled deliveries will be redelivered)"
-        );
-        self.in_flight.clear();
-        let _ = AssertUnwindSafe(self.shutdown()).catch_unwind().await;
-        match open_receivers(&self.config).await {
-            Ok((client, receivers)) => {
-                self.client = client;
-                self.receivers = receivers;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot reconnect to Service Bus; will retry on the next call");
-            }
-        }
-        Err(Error::transport(
-            TRANSPORT,
-            "the Service Bus client failed internally; reconnected, please retry",
-            true,
-            None,
-        ))
+    async fn attach_plain(&self) -> Result<Link> {
+        let name = link_name();
+        let spec = ReceiverSpec {
+            name: name.clone(),
+            source: Source::builder().address(self.path.clone()).build(),
+            peek_lock: self.peek_lock,
+            properties: None,
+        };
+        let (receiver, lost) = self.connection.receiver(&self.path, spec, None).await?;
+        Ok(Link {
+            id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+            name,
+            receiver,
+            lost,
+            session: None,
+            session_locked_until: SystemTime::now(),
+            own_session: None,
+            credited: false,
+            last_arrival: Instant::now(),
+        })
     }
 
-    async fn shutdown(&mut self) {
-        let receivers = std::mem::replace(&mut self.receivers, Receivers::Closed);
-        match receivers {
-            Receivers::Plain(receiver) => {
-                let _ = receiver.dispose().await;
-            }
-            Receivers::Sessions {
-                accepter,
-                current,
-                draining,
-                ..
-            } => {
-                accepter.abort();
-                for receiver in current.into_iter().map(|r| *r).chain(draining) {
-                    let _ = receiver.dispose().await;
-                }
-            }
-            Receivers::Closed => {}
+    /// Starts locking a session (the pinned one, or the next available) in the background.
+    fn request_session(&mut self) {
+        if self.pending_session.is_some() {
+            return;
         }
-        if let Some(client) = self.client.take() {
-            let _ = client.dispose().await;
-        }
+        let connection = self.connection.clone();
+        let management = self.management.clone();
+        let path = self.path.clone();
+        let pinned = self.pinned.clone();
+        let peek_lock = self.peek_lock;
+        self.pending_session = Some(tokio::spawn(async move {
+            lock_session(
+                &connection,
+                &management,
+                &path,
+                pinned.as_deref(),
+                peek_lock,
+            )
+            .await
+        }));
     }
 
-    /// Receives up to `max` messages within `wait`, in slices, settling queued commands
-    /// between slices.
+    /// Receives up to `max` messages within `wait`, settling what is asked meanwhile.
     async fn receive(
         &mut self,
         max: usize,
         wait: Duration,
         incoming: &mut mpsc::Receiver<Command>,
     ) -> Result<Vec<Delivery>> {
-        if matches!(self.receivers, Receivers::Closed) {
-            // An earlier reconnect failed: try again.
-            let (client, receivers) = open_receivers(&self.config).await?;
-            self.client = client;
-            self.receivers = receivers;
+        let started = Instant::now();
+        let mut deadline = started + wait;
+        let mut got: Vec<(u64, AmqpDelivery<Body<Value>>)> = Vec::new();
+        if let Some(link) = self.current.as_mut() {
+            link.last_arrival = started;
         }
-        let deadline = Instant::now() + wait;
         loop {
-            while let Ok(command) = incoming.try_recv() {
-                match command {
-                    Command::Settle { token, how, reply } => {
-                        let _ = reply.send(self.settle(token, how).await);
+            if self.current.is_none() {
+                if self.session_links {
+                    self.request_session();
+                } else {
+                    match self.attach_plain().await {
+                        Ok(link) => self.current = Some(link),
+                        Err(error) if got.is_empty() => return Err(error),
+                        Err(_) => break,
                     }
-                    other => self.backlog.push_back(other),
                 }
             }
-            self.maintain().await;
-            let left = deadline.saturating_duration_since(Instant::now());
-            let slice = left.clamp(Duration::from_millis(20), RECEIVE_SLICE);
-            let received = self
-                .receive_slice(max.min(u32::MAX as usize) as u32, slice)
-                .await;
-            self.last_receive = Instant::now();
-            let received = received?;
-            if !received.is_empty() || Instant::now() >= deadline {
-                return Ok(self.deliveries(received));
+            // What arrived earlier for the current link comes first.
+            if let Some(id) = self.current.as_ref().map(|l| l.id) {
+                while got.len() < max {
+                    let Some(at) = self.buffered.iter().position(|b| b.link == id) else {
+                        break;
+                    };
+                    if let Some(b) = self.buffered.remove(at) {
+                        got.push((b.link, b.delivery));
+                    }
+                }
+            }
+            if got.len() >= max {
+                break;
+            }
+            let want = (max - got.len()) as u32 + self.prefetch;
+            if let Some(link) = self.current.as_mut() {
+                if !link.credited {
+                    match link.receiver.set_credit(want).await {
+                        Ok(()) => link.credited = true,
+                        Err(_) => {
+                            self.lose_current().await;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let session_idle = self
+                .current
+                .as_ref()
+                .filter(|l| l.session.is_some() && self.pinned.is_none())
+                .map(|l| l.last_arrival + SESSION_IDLE);
+            let until = session_idle.map_or(deadline, |idle| idle.min(deadline));
+            let event = {
+                let pending = self.pending_session.as_mut();
+                let current = self.current.as_mut();
+                next_event(incoming, current, pending, until).await
+            };
+            match event {
+                Event::Command(None) => return Err(closed("subscriber")),
+                Event::Command(Some(Command::Settle { token, how, reply })) => {
+                    let _ = reply.send(self.settle(token, how).await);
+                }
+                Event::Command(Some(other)) => self.backlog.push_back(other),
+                Event::Delivery(Ok(delivery)) => {
+                    if let Some(link) = self.current.as_mut() {
+                        link.last_arrival = Instant::now();
+                        got.push((link.id, delivery));
+                    }
+                    if got.len() >= max {
+                        break;
+                    }
+                    deadline = deadline.min(Instant::now() + FOLLOW_UP_WAIT);
+                }
+                Event::Delivery(Err(error)) => {
+                    tracing::debug!(messaging.system = "servicebus", messaging.source.name = %self.path, %error, "the receive link failed; attaching a new one");
+                    self.lose_current().await;
+                    if !got.is_empty() {
+                        break;
+                    }
+                }
+                Event::Lost => {
+                    self.lose_current().await;
+                    if !got.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                Event::Session(Ok(link)) => {
+                    self.pending_session = None;
+                    self.current = link;
+                }
+                Event::Session(Err(error)) => {
+                    self.pending_session = None;
+                    if got.is_empty() {
+                        return Err(error);
+                    }
+                    break;
+                }
+                Event::Tick => self.maintain().await,
+                Event::Deadline => {
+                    if Instant::now() >= deadline || !got.is_empty() {
+                        break;
+                    }
+                    // The session brought nothing for a while: let it go, take the next.
+                    self.retire_current().await;
+                }
+            }
+        }
+        Ok(self.deliveries(got))
+    }
+
+    /// After a receive call: drain the links, so that the broker stops sending until the
+    /// next call grants credit again.
+    async fn end_of_call(&mut self) {
+        if let Some(link) = self.current.as_mut() {
+            if link.credited {
+                link.credited = false;
+                if link.receiver.drain().await.is_err() {
+                    self.lose_current().await;
+                }
             }
         }
     }
 
-    async fn receive_slice(
-        &mut self,
-        max: u32,
-        slice: Duration,
-    ) -> Result<Vec<(ServiceBusReceivedMessage, Option<String>)>> {
-        let path = self.path.clone();
-        match &mut self.receivers {
-            Receivers::Closed => Err(closed("subscriber")),
-            Receivers::Plain(receiver) => Ok(quick_receive!(receiver, max, slice, &path)?
-                .into_iter()
-                .map(|m| (m, None))
-                .collect()),
-            Receivers::Sessions {
-                want,
-                requested,
-                accepted,
-                pinned,
-                current,
-                draining,
-                ..
-            } => {
-                if current.is_none() {
-                    if !*requested {
-                        *requested = want.try_send(()).is_ok();
-                    }
-                    match tokio::time::timeout(slice, accepted.recv()).await {
-                        Err(_) => return Ok(Vec::new()),
-                        Ok(None) => return Err(closed("subscriber")),
-                        Ok(Some(Err(error))) => {
-                            *requested = false;
-                            return Err(error);
-                        }
-                        Ok(Some(Ok(receiver))) => {
-                            *requested = false;
-                            *current = Some(Box::new(receiver));
-                        }
-                    }
-                }
-                let Some(receiver) = current.as_mut() else {
-                    return Ok(Vec::new());
-                };
-                let session = receiver.session_id().to_string();
-                let got = quick_receive!(receiver, max, slice, &session)?;
-                if got.is_empty() && !*pinned {
-                    // The session has nothing more right now: take another one next time, and
-                    // keep this one locked until its deliveries are settled (that keeps order).
-                    if let Some(done) = current.take() {
-                        draining.push(*done);
-                    }
-                }
-                Ok(got
-                    .into_iter()
-                    .map(|m| (m, Some(session.clone())))
-                    .collect())
-            }
+    /// The current link failed or its connection was lost: its unsettled deliveries come
+    /// back through the broker.
+    async fn lose_current(&mut self) {
+        if let Some(link) = self.current.take() {
+            let id = link.id;
+            self.in_flight.retain(|_, e| e.link != id);
+            self.buffered.retain(|b| b.link != id);
+            tokio::spawn(link.close());
         }
     }
 
-    fn deliveries(
-        &mut self,
-        received: Vec<(ServiceBusReceivedMessage, Option<String>)>,
-    ) -> Vec<Delivery> {
-        let mut deliveries = Vec::with_capacity(received.len());
-        for (raw, session) in received {
+    /// Stops receiving from the current session; it is kept (lock renewed) until its
+    /// deliveries are settled.
+    async fn retire_current(&mut self) {
+        if let Some(mut link) = self.current.take() {
+            if link.credited {
+                link.credited = false;
+                let _ = link.receiver.drain().await;
+            }
+            self.draining.push(link);
+        }
+        self.release_buffered_of_retired().await;
+        self.close_settled_links().await;
+    }
+
+    fn deliveries(&mut self, got: Vec<(u64, AmqpDelivery<Body<Value>>)>) -> Vec<Delivery> {
+        let mut deliveries = Vec::with_capacity(got.len());
+        for (link, delivery) in got {
+            let facts = received(delivery.message(), delivery.delivery_tag().as_ref());
+            let (info, raw) = delivery.into_parts();
             let message = from_servicebus(&raw, self.sessions);
-            let token = uuid::Uuid::from_bytes(*raw.lock_token().as_inner());
-            let info = DeliveryInfo {
-                delivery_count: raw.delivery_count().unwrap_or(1),
-                enqueued_at: raw.enqueued_time().into(),
-                transport_id: raw.sequence_number().to_string(),
-                locked_until: raw.locked_until().map(Into::into),
+            let session = raw.properties.as_ref().and_then(|p| p.group_id.clone());
+            let delivery_info = DeliveryInfo {
+                delivery_count: facts.delivery_count,
+                enqueued_at: facts.enqueued_at,
+                transport_id: facts.sequence_number.to_string(),
+                locked_until: facts.locked_until,
             };
             let Some(commands) = self.commands.upgrade() else {
                 continue;
             };
+            if self.peek_lock {
+                self.in_flight.insert(
+                    facts.lock_token,
+                    InFlight {
+                        link,
+                        info,
+                        message_id: message.id.clone(),
+                        session,
+                        locked_until: facts.locked_until,
+                        hold_until: None,
+                        abandon_after_hold: false,
+                    },
+                );
+            }
             let settle = ServiceBusSettle {
                 commands,
-                token,
+                token: facts.lock_token,
                 message_id: message.id.clone(),
+                receive_and_delete: !self.peek_lock,
             };
-            self.in_flight.insert(
-                token,
-                InFlight {
-                    message: raw,
-                    session,
-                    hold_until: None,
-                    abandon_after_hold: false,
-                },
-            );
-            deliveries.push(Delivery::new(message, info, Box::new(settle)));
+            deliveries.push(Delivery::new(message, delivery_info, Box::new(settle)));
         }
         deliveries
+    }
+
+    fn link_mut(&mut self, id: u64) -> Option<&mut Link> {
+        self.current
+            .iter_mut()
+            .chain(self.draining.iter_mut())
+            .find(|l| l.id == id)
     }
 
     async fn settle(&mut self, token: uuid::Uuid, how: Settlement) -> Result<SystemTime> {
         let Some(entry) = self.in_flight.get_mut(&token) else {
             return Err(lock_lost(&token.to_string()));
         };
-        let message_id = entry
-            .message
-            .message_id()
-            .map(|m| m.into_owned())
-            .unwrap_or_default();
         match how {
             Settlement::Extend(by) => {
                 entry.hold_until = Some(Instant::now() + by);
@@ -429,9 +503,7 @@ impl ReceiverTask {
                 entry.hold_until = Some(Instant::now() + delay);
                 entry.abandon_after_hold = true;
                 let short = entry
-                    .message
-                    .locked_until()
-                    .map(SystemTime::from)
+                    .locked_until
                     .and_then(|l| l.duration_since(SystemTime::now()).ok())
                     .is_none_or(|left| left < RENEW_MARGIN);
                 if short {
@@ -442,57 +514,117 @@ impl ReceiverTask {
             _ => {}
         }
         let Some(entry) = self.in_flight.remove(&token) else {
-            return Err(lock_lost(&message_id));
+            return Err(lock_lost(&token.to_string()));
         };
-        let session = entry.session.clone();
-        let message = entry.message;
-        let outcome = on_receiver!(self, session, |r| match &how {
-            Settlement::Complete => r.complete_message(&message).await,
+        let path = self.path.clone();
+        let Some(link) = self.link_mut(entry.link) else {
+            return Err(lock_lost(&entry.message_id));
+        };
+        let outcome = match how {
+            Settlement::Complete => link.receiver.accept(entry.info).await,
             Settlement::DeadLetter {
                 reason,
                 description,
             } => {
-                r.dead_letter_message(
-                    &message,
-                    DeadLetterOptions {
-                        dead_letter_reason: Some(reason.clone()),
-                        dead_letter_error_description: Some(description.clone()),
-                        properties_to_modify: None,
-                    },
-                )
-                .await
+                let info: Fields = [
+                    (Symbol::from("DeadLetterReason"), Value::String(reason)),
+                    (
+                        Symbol::from("DeadLetterErrorDescription"),
+                        Value::String(description),
+                    ),
+                ]
+                .into_iter()
+                .collect();
+                let error = definitions::Error {
+                    condition: ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter")),
+                    description: None,
+                    info: Some(Box::new(info)),
+                };
+                link.receiver.reject(entry.info, error).await
             }
-            _ => r.abandon_message(&message, None).await,
-        });
-        self.release_drained_sessions().await;
+            _ => {
+                link.receiver
+                    .modify(
+                        entry.info,
+                        Modified {
+                            delivery_failed: Some(true),
+                            undeliverable_here: None,
+                            message_annotations: None,
+                        },
+                    )
+                    .await
+            }
+        };
+        self.close_settled_links().await;
         match outcome {
-            None => Err(lock_lost(&message_id)),
-            Some(Ok(())) => Ok(SystemTime::now()),
-            Some(Err(e)) if is_lock_lost(&e) => Err(lock_lost(&message_id)),
-            Some(Err(e)) => Err(map_error("settle", &e, "queue", &self.path)),
+            Ok(()) => Ok(SystemTime::now()),
+            Err(e) => {
+                let text = format!("{e:?}");
+                if text.to_ascii_lowercase().contains("lock") {
+                    Err(lock_lost(&entry.message_id))
+                } else {
+                    Err(map_amqp_error("settle", &text, "queue", &path))
+                }
+            }
         }
     }
 
+    /// Renews the lock of `token`: its message's, or for a session its session's.
     async fn renew(&mut self, token: uuid::Uuid) -> Result<()> {
-        let Some(entry) = self.in_flight.get_mut(&token) else {
+        let Some(entry) = self.in_flight.get(&token) else {
             return Err(lock_lost(&token.to_string()));
         };
-        let session = entry.session.clone();
-        let message = &mut entry.message;
-        let outcome = on_receiver!(self, session, |r| r.renew_message_lock(message).await);
-        match outcome {
-            Some(Ok(())) => Ok(()),
-            None => Err(lock_lost(&token.to_string())),
-            Some(Err(e)) if is_lock_lost(&e) => {
-                self.in_flight.remove(&token);
-                Err(lock_lost(&token.to_string()))
+        let (link_id, session, message_id) =
+            (entry.link, entry.session.clone(), entry.message_id.clone());
+        let Some(link) = self.link_mut(link_id) else {
+            return Err(lock_lost(&message_id));
+        };
+        let name = link.name.clone();
+        let in_session = link.session.is_some();
+        if in_session {
+            // A session's messages are locked with their session: renew it first.
+            let session = session.unwrap_or_default();
+            match self.management.renew_session_lock(&session, &name).await {
+                Ok(until) => {
+                    if let Some(link) = self.link_mut(link_id) {
+                        link.session_locked_until = until;
+                    }
+                }
+                Err(Error::LockLost { .. }) => {
+                    self.in_flight.remove(&token);
+                    return Err(lock_lost(&message_id));
+                }
+                Err(error) => return Err(error),
             }
-            Some(Err(e)) => Err(map_error("renew lock", &e, "queue", &self.path)),
+        }
+        let outcome = self
+            .management
+            .renew_locks(&[token], &name)
+            .await
+            .map(|expiries| expiries.first().copied().unwrap_or_else(SystemTime::now));
+        // Some brokers keep no message lock apart from the session's: that renewal is enough.
+        let outcome = match outcome {
+            Err(Error::Transport { .. }) if in_session => Ok(SystemTime::now() + RENEW_MARGIN),
+            other => other,
+        };
+        match outcome {
+            Ok(until) => {
+                if let Some(entry) = self.in_flight.get_mut(&token) {
+                    entry.locked_until = Some(until);
+                }
+                Ok(())
+            }
+            Err(Error::LockLost { .. }) => {
+                self.in_flight.remove(&token);
+                Err(lock_lost(&message_id))
+            }
+            Err(error) => Err(error),
         }
     }
 
     /// Renews held locks that are about to expire, abandons delayed nacks whose delay has
-    /// passed, and forgets deliveries whose lock expired (they are redelivered).
+    /// passed, forgets deliveries whose lock expired (they are redelivered), renews session
+    /// locks, and releases deliveries that waited too long for a call.
     async fn maintain(&mut self) {
         let now = Instant::now();
         let wall = SystemTime::now();
@@ -500,24 +632,30 @@ impl ReceiverTask {
         let mut to_abandon = Vec::new();
         let mut to_renew = Vec::new();
         for (token, entry) in &self.in_flight {
-            let locked_until: Option<SystemTime> = entry.message.locked_until().map(Into::into);
-            let left = locked_until.and_then(|l| l.duration_since(wall).ok());
+            let left = entry.locked_until.and_then(|l| l.duration_since(wall).ok());
             let held = entry.hold_until.is_some_and(|until| until > now);
             let hold_ended = entry.hold_until.is_some_and(|until| until <= now);
             if hold_ended && entry.abandon_after_hold {
                 to_abandon.push(*token);
             } else if held && left.is_none_or(|l| l < RENEW_MARGIN) {
                 to_renew.push(*token);
-            } else if !held && left.is_none() && locked_until.is_some() {
+            } else if !held && left.is_none() && entry.locked_until.is_some() {
                 expired.push(*token);
             }
         }
+        let lapsed: Vec<u64> = self
+            .draining
+            .iter()
+            .filter(|l| l.session.is_some() && l.session_locked_until <= wall)
+            .map(|l| l.id)
+            .collect();
         for token in expired {
             self.in_flight.remove(&token);
         }
+        self.in_flight.retain(|_, e| !lapsed.contains(&e.link));
         for token in to_renew {
             if let Err(error) = self.renew(token).await {
-                tracing::warn!(messaging.system = "servicebus", messaging.destination.name = %self.path, %error, "cannot renew a held lock");
+                tracing::warn!(messaging.system = "servicebus", messaging.source.name = %self.path, %error, "cannot renew a held lock");
             }
         }
         for token in to_abandon {
@@ -525,45 +663,7 @@ impl ReceiverTask {
                 entry.hold_until = None;
             }
             if let Err(error) = self.settle(token, Settlement::Abandon).await {
-                tracing::warn!(messaging.system = "servicebus", messaging.destination.name = %self.path, %error, "cannot abandon a nacked message after its delay");
-            }
-        }
-        // Session locks: renew those of sessions we still receive from or settle in.
-        if let Receivers::Sessions {
-            current,
-            draining,
-            requested,
-            accepted,
-            ..
-        } = &mut self.receivers
-        {
-            // A session asked for arrived between receives: take it now so its lock is renewed.
-            if current.is_none() && *requested {
-                if let Ok(Ok(receiver)) = accepted.try_recv() {
-                    *requested = false;
-                    *current = Some(Box::new(receiver));
-                }
-            }
-            // Nobody receives: stop holding the session (it is released once its deliveries
-            // are settled), so that other consumers can take it.
-            if now.duration_since(self.last_receive) > SESSION_IDLE {
-                if let Some(idle) = current.take() {
-                    draining.push(*idle);
-                }
-            }
-            for receiver in current
-                .iter_mut()
-                .map(|r| &mut **r)
-                .chain(draining.iter_mut())
-            {
-                let left = SystemTime::from(receiver.session_locked_until())
-                    .duration_since(wall)
-                    .unwrap_or_default();
-                if left < RENEW_MARGIN {
-                    if let Err(error) = receiver.renew_session_lock().await {
-                        tracing::warn!(messaging.system = "servicebus", session = receiver.session_id(), %error, "cannot renew a session lock");
-                    }
-                }
+                tracing::warn!(messaging.system = "servicebus", messaging.source.name = %self.path, %error, "cannot abandon a nacked message after its delay");
             }
         }
         // Holds that ended without an abandon (extend) just stop being renewed.
@@ -572,25 +672,303 @@ impl ReceiverTask {
                 entry.hold_until = None;
             }
         }
-        self.release_drained_sessions().await;
-    }
-
-    /// Closes session receivers that are no longer received from and have nothing unsettled.
-    async fn release_drained_sessions(&mut self) {
-        let Receivers::Sessions { draining, .. } = &mut self.receivers else {
-            return;
-        };
-        let busy: Vec<String> = self
+        // Nobody has received for a while: let the session go (once its deliveries are
+        // settled), so that other subscribers can take it; one locked meanwhile goes too.
+        let idle = self
+            .idle_since
+            .is_some_and(|since| now.duration_since(since) > SESSION_IDLE);
+        if self
+            .pending_session
+            .as_ref()
+            .is_some_and(|p| p.is_finished())
+        {
+            if let Some(Some(Ok(Ok(Some(link))))) =
+                self.pending_session.take().map(|p| p.now_or_never())
+            {
+                if self.current.is_none() && !idle {
+                    self.current = Some(link);
+                } else {
+                    self.draining.push(link);
+                }
+            }
+        }
+        if idle
+            && self.pinned.is_none()
+            && self.current.as_ref().is_some_and(|l| l.session.is_some())
+        {
+            self.retire_current().await;
+        }
+        // Session locks: of the session received from, and of sessions let go that still
+        // have a message held (extend, delayed nack); the others' locks lapse, so that
+        // what was never settled comes back.
+        let held: Vec<u64> = self
             .in_flight
             .values()
-            .filter_map(|e| e.session.clone())
+            .filter(|e| e.hold_until.is_some())
+            .map(|e| e.link)
             .collect();
-        let (keep, release): (Vec<_>, Vec<_>) = std::mem::take(draining)
-            .into_iter()
-            .partition(|r| busy.iter().any(|s| s == r.session_id()));
-        *draining = keep;
-        for receiver in release {
-            let _ = receiver.dispose().await;
+        let mut renewals = Vec::new();
+        let current = self.current.iter();
+        let draining = self.draining.iter().filter(|l| held.contains(&l.id));
+        for link in current.chain(draining) {
+            if let Some(session) = &link.session {
+                let left = link
+                    .session_locked_until
+                    .duration_since(wall)
+                    .unwrap_or_default();
+                if left < RENEW_MARGIN {
+                    renewals.push((link.id, session.clone(), link.name.clone()));
+                }
+            }
         }
+        for (id, session, name) in renewals {
+            match self.management.renew_session_lock(&session, &name).await {
+                Ok(until) => {
+                    if let Some(link) = self.link_mut(id) {
+                        link.session_locked_until = until;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(messaging.system = "servicebus", session = %session, %error, "cannot renew a session lock");
+                }
+            }
+        }
+        // Deliveries that came after their call ended.
+        self.collect_arrivals();
+        let stale: VecDeque<Buffered> = {
+            let (stale, keep) = std::mem::take(&mut self.buffered)
+                .into_iter()
+                .partition(|b| now.duration_since(b.arrived) >= BUFFER_HOLD);
+            self.buffered = keep;
+            stale
+        };
+        self.release(stale.into()).await;
+        self.release_buffered_of_retired().await;
+        self.close_settled_links().await;
+        if self.current.as_ref().is_some_and(|l| l.lost.is_gone()) {
+            self.lose_current().await;
+        }
+    }
+
+    /// Moves what already arrived on the links into the buffer.
+    fn collect_arrivals(&mut self) {
+        let now = Instant::now();
+        for link in self.current.iter_mut().chain(self.draining.iter_mut()) {
+            while let Some(Ok(delivery)) = link.receiver.recv::<Body<Value>>().now_or_never() {
+                self.buffered.push_back(Buffered {
+                    link: link.id,
+                    delivery,
+                    arrived: now,
+                });
+            }
+        }
+    }
+
+    /// Releases deliveries (unlocked at once, no delivery counted).
+    async fn release(&mut self, deliveries: Vec<Buffered>) {
+        for b in deliveries {
+            let id = b.link;
+            if let Some(link) = self.link_mut(id) {
+                let _ = link.receiver.release(&b.delivery).await;
+            }
+        }
+    }
+
+    /// Releases what reached links no longer received from.
+    async fn release_buffered_of_retired(&mut self) {
+        self.collect_arrivals();
+        let current = self.current.as_ref().map(|l| l.id);
+        let (retired, keep): (Vec<Buffered>, Vec<Buffered>) = std::mem::take(&mut self.buffered)
+            .into_iter()
+            .partition(|b| Some(b.link) != current);
+        self.buffered = keep.into();
+        self.release(retired).await;
+    }
+
+    /// Closes retired session links that have nothing unsettled.
+    async fn close_settled_links(&mut self) {
+        if self.draining.is_empty() {
+            return;
+        }
+        let busy: Vec<u64> = self.in_flight.values().map(|e| e.link).collect();
+        let (keep, done): (Vec<Link>, Vec<Link>) = std::mem::take(&mut self.draining)
+            .into_iter()
+            .partition(|l| busy.contains(&l.id));
+        self.draining = keep;
+        for link in done {
+            link.close().await;
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(pending) = self.pending_session.take() {
+            pending.abort();
+            if let Ok(Ok(Some(link))) = pending.await {
+                link.close().await;
+            }
+        }
+        // Nothing stays locked on a link that goes away: what nobody took is released.
+        if let Some(mut link) = self.current.take() {
+            if link.credited {
+                let _ = link.receiver.drain().await;
+            }
+            self.draining.push(link);
+        }
+        self.collect_arrivals();
+        let buffered: Vec<Buffered> = std::mem::take(&mut self.buffered).into();
+        self.release(buffered).await;
+        for link in std::mem::take(&mut self.draining) {
+            link.close().await;
+        }
+        self.in_flight.clear();
+    }
+}
+
+/// Waits for whichever comes first: a command, a delivery on `current`, the session being
+/// locked, the connection's loss, or `until`.
+async fn next_event(
+    incoming: &mut mpsc::Receiver<Command>,
+    current: Option<&mut Link>,
+    pending: Option<&mut tokio::task::JoinHandle<Result<Option<Link>>>>,
+    until: Instant,
+) -> Event {
+    let (delivery, lost) = match current {
+        Some(link) => {
+            let Link { receiver, lost, .. } = link;
+            (
+                futures::future::Either::Left(async move {
+                    receiver
+                        .recv::<Body<Value>>()
+                        .await
+                        .map_err(|e| format!("{e:?}"))
+                }),
+                futures::future::Either::Left(lost.gone()),
+            )
+        }
+        None => (
+            futures::future::Either::Right(futures::future::pending()),
+            futures::future::Either::Right(futures::future::pending()),
+        ),
+    };
+    let session = async move {
+        match pending {
+            Some(handle) => match handle.await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(closed("subscriber")),
+            },
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        command = incoming.recv() => Event::Command(command),
+        delivery = delivery => Event::Delivery(delivery),
+        () = lost => Event::Lost,
+        link = session => Event::Session(link),
+        () = tokio::time::sleep_until(until.into()) => Event::Deadline,
+        () = tokio::time::sleep(MAINTENANCE) => Event::Tick,
+    }
+}
+
+fn link_name() -> String {
+    format!(
+        "cloudbus-receiver-{}-{}",
+        std::process::id(),
+        NEXT_LINK.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Locks a session on a link (and AMQP session) of its own: `pinned`, or the next
+/// available one. `None` when none became free within the broker's wait.
+async fn lock_session(
+    connection: &Connection,
+    management: &Management,
+    path: &str,
+    pinned: Option<&str>,
+    peek_lock: bool,
+) -> Result<Option<Link>> {
+    let filter = pinned.map(|id| Described {
+        descriptor: Descriptor::Code(SESSION_FILTER_DESCRIPTOR),
+        value: Value::String(id.to_string()),
+    });
+    let name = link_name();
+    let properties: Fields = [(
+        Symbol::from("com.microsoft:timeout"),
+        Value::Uint(SESSION_WAIT_MS),
+    )]
+    .into_iter()
+    .collect();
+    let spec = ReceiverSpec {
+        name: name.clone(),
+        source: Source::builder()
+            .address(path.to_string())
+            .add_to_filter(Symbol::from(SESSION_FILTER), filter)
+            .build(),
+        peek_lock,
+        properties: Some(properties),
+    };
+    let (mut own, _) = connection.own_session(path).await?;
+    let attached = connection.receiver(path, spec, Some(&mut own)).await;
+    let (receiver, lost) = match attached {
+        Ok(attached) => attached,
+        Err(error) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), own.end()).await;
+            let text = error.to_string().to_ascii_lowercase();
+            if text.contains("timeout")
+                || text.contains("session-cannot-be-locked")
+                || text.contains("sourceisnone")
+            {
+                return Ok(None);
+            }
+            return Err(error);
+        }
+    };
+    let session = receiver
+        .source()
+        .as_ref()
+        .and_then(|s| s.filter.as_ref())
+        .and_then(|f| {
+            f.iter()
+                .find(|(k, _)| k.0 == SESSION_FILTER)
+                .and_then(|(_, v)| session_id(v))
+        })
+        .or_else(|| pinned.map(str::to_string));
+    let Some(session) = session else {
+        return Err(Error::transport(
+            TRANSPORT,
+            format!("{path}: the broker locked a session but did not say which"),
+            true,
+            None,
+        ));
+    };
+    let mut link = Link {
+        id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+        name: name.clone(),
+        receiver,
+        lost,
+        session: Some(session.clone()),
+        session_locked_until: SystemTime::now(),
+        own_session: Some(own),
+        credited: false,
+        last_arrival: Instant::now(),
+    };
+    // The attach reply's lock expiry is not exposed by fe2o3: renewing tells it.
+    match management.renew_session_lock(&session, &name).await {
+        Ok(until) => link.session_locked_until = until,
+        Err(error) => {
+            link.close().await;
+            return Err(error);
+        }
+    }
+    tracing::debug!(messaging.system = "servicebus", messaging.source.name = %path, session = %session, "locked a session");
+    Ok(Some(link))
+}
+
+fn session_id(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Symbol(s) => Some(s.0.clone()),
+        Value::Described(d) => session_id(&d.value),
+        _ => None,
     }
 }

@@ -14,10 +14,23 @@ pub(crate) struct ServiceBusSettle {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) token: uuid::Uuid,
     pub(crate) message_id: String,
+    /// The broker settled it on delivery: `ack` has nothing to do, the rest cannot be done.
+    pub(crate) receive_and_delete: bool,
 }
 
 impl ServiceBusSettle {
     async fn request(&self, how: Settlement) -> Result<SystemTime> {
+        if self.receive_and_delete {
+            return match how {
+                Settlement::Complete => Ok(SystemTime::now()),
+                _ => Err(Error::Unsupported {
+                    transport: crate::TRANSPORT,
+                    feature: "nack, dead_letter and extend in receive_and_delete mode: the \
+                              broker deleted the message when it delivered it; use peek_lock"
+                        .into(),
+                }),
+            };
+        }
         let (reply, outcome) = oneshot::channel();
         self.commands
             .send(Command::Settle {

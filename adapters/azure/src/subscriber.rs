@@ -1,41 +1,49 @@
-//! [`ServiceBusSubscriber`]: one or more receivers, each a task on a client thread of its
-//! own that receives and settles (see [`crate::receiver`]).
+//! [`ServiceBusSubscriber`]: one or more receive links on one connection, each served by
+//! a task of its own that receives and settles (see [`crate::receiver`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use azservicebus::{
-    ServiceBusReceiveMode, ServiceBusReceiverOptions, ServiceBusSessionReceiverOptions, SubQueue,
-};
 use cloudbus_core::driver::check_receive_max;
 use cloudbus_core::{Delivery, Destination, Error, Result, Subscriber};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::TRANSPORT;
-use crate::client_thread::on_client_thread;
-use crate::config::{ReceiveMode, ServiceBusConfig};
-use crate::credentials::{Client, client, connection};
-use crate::error::{closed, map_error};
-use crate::receiver::{Command, ReceiverTask, Receivers};
-use crate::sessions::accept_sessions;
+use crate::config::ServiceBusConfig;
+use crate::credentials::namespace;
+use crate::error::closed;
+use crate::protocol::Connection;
+use crate::protocol::management::Management;
+use crate::receiver::{Command, ReceiverTask};
 
 /// Receives from a Service Bus queue, subscription or dead-letter queue, through
-/// `receivers` receivers (each a link on a connection and client thread of its own).
+/// `receivers` receive links on one connection.
 pub struct ServiceBusSubscriber {
+    connection: Connection,
     receivers: Vec<ReceiverHandle>,
     destination: Destination,
     closed: AtomicBool,
 }
 
-/// One receiver's task, which settles what it received.
+impl std::fmt::Debug for ServiceBusSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceBusSubscriber")
+            .field("destination", &self.destination)
+            .field("receivers", &self.receivers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One receive link's task, which settles what it received.
 struct ReceiverHandle {
     commands: mpsc::Sender<Command>,
     /// Receive calls given to this receiver and not answered yet.
     receiving: AtomicUsize,
 }
 
-/// Most receivers per subscriber: each is a connection and a thread.
+/// Most receive links per subscriber.
 pub const MAX_RECEIVERS: usize = 32;
 
 impl ServiceBusSubscriber {
@@ -43,8 +51,8 @@ impl ServiceBusSubscriber {
     pub async fn connect(config: &ServiceBusConfig) -> Result<Self> {
         if config.receivers == 0 || config.receivers > MAX_RECEIVERS {
             return Err(Error::config(format!(
-                "`receivers={}`: a subscriber opens 1 to {MAX_RECEIVERS} receivers (each a \
-                 connection of its own); use 1 unless one receiver cannot keep up",
+                "`receivers={}`: a subscriber opens 1 to {MAX_RECEIVERS} receive links; use 1 \
+                 unless one link cannot keep up",
                 config.receivers
             )));
         }
@@ -56,18 +64,26 @@ impl ServiceBusSubscriber {
                 config.receivers
             )));
         }
-        let opened =
-            futures::future::join_all((0..config.receivers).map(|_| open_receiver(config))).await;
-        let mut receivers = Vec::with_capacity(opened.len());
-        let mut failure = None;
-        for outcome in opened {
-            match outcome {
-                Ok(commands) => receivers.push(ReceiverHandle {
-                    commands,
-                    receiving: AtomicUsize::new(0),
-                }),
-                Err(error) => failure = failure.or(Some(error)),
+        let connection = Connection::open(namespace(config)?, "subscriber").await?;
+        let management = Arc::new(Management::new(connection.clone(), config.receive_path()));
+        let mut receivers = Vec::with_capacity(config.receivers);
+        for _ in 0..config.receivers {
+            let (commands, incoming) = mpsc::channel(256);
+            let mut task = ReceiverTask::new(
+                config,
+                connection.clone(),
+                management.clone(),
+                commands.downgrade(),
+            );
+            if let Err(error) = task.open().await {
+                connection.close().await;
+                return Err(error);
             }
+            tokio::spawn(task.run(incoming));
+            receivers.push(ReceiverHandle {
+                commands,
+                receiving: AtomicUsize::new(0),
+            });
         }
         let name = if config.dead_letter {
             format!(
@@ -82,32 +98,13 @@ impl ServiceBusSubscriber {
         if let Some(subscription) = &config.subscription {
             destination = destination.with_subscription(subscription.clone());
         }
-        let subscriber = ServiceBusSubscriber {
+        Ok(ServiceBusSubscriber {
+            connection,
             receivers,
             destination,
             closed: AtomicBool::new(false),
-        };
-        match failure {
-            None => Ok(subscriber),
-            Some(error) => {
-                subscriber.close().await?;
-                Err(error)
-            }
-        }
+        })
     }
-}
-
-/// Starts one receiver's task on a client thread of its own; its command channel.
-async fn open_receiver(config: &ServiceBusConfig) -> Result<mpsc::Sender<Command>> {
-    let (commands, incoming) = mpsc::channel(256);
-    let weak = commands.downgrade();
-    let config = config.clone();
-    on_client_thread(move || async move {
-        let (client, receivers) = open_receivers(&config).await?;
-        Ok(ReceiverTask::new(config, client, receivers, weak).run(incoming))
-    })
-    .await?;
-    Ok(commands)
 }
 
 /// Counts a receive call against its receiver until the call ends or is dropped.
@@ -123,83 +120,6 @@ impl<'a> Receiving<'a> {
 impl Drop for Receiving<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Connects and opens the receiver (or, for sessions, starts the session accepter).
-pub(crate) async fn open_receivers(
-    config: &ServiceBusConfig,
-) -> Result<(Option<Client>, Receivers)> {
-    let connection = connection(config)?;
-    let client = client(&connection).await?;
-    let receive_mode = match config.receive_mode {
-        ReceiveMode::PeekLock => ServiceBusReceiveMode::PeekLock,
-        ReceiveMode::ReceiveAndDelete => ServiceBusReceiveMode::ReceiveAndDelete,
-    };
-    let path = config.path();
-    let mut client = Some(client);
-    let receivers = if config.uses_sessions() && !config.dead_letter {
-        let (found, accepted) = mpsc::channel(1);
-        let (want, wanted) = mpsc::channel(1);
-        let accepter = tokio::spawn(accept_sessions(
-            client.take(),
-            config.entity.clone(),
-            config.subscription.clone(),
-            config.session.clone(),
-            ServiceBusSessionReceiverOptions {
-                prefetch_count: config.prefetch,
-                receive_mode,
-                identifier: None,
-            },
-            wanted,
-            found,
-        ));
-        Receivers::Sessions {
-            want,
-            requested: false,
-            accepted,
-            accepter,
-            pinned: config.session.is_some(),
-            current: None,
-            draining: Vec::new(),
-        }
-    } else {
-        let options = ServiceBusReceiverOptions {
-            prefetch_count: config.prefetch,
-            receive_mode,
-            identifier: None,
-            sub_queue: if config.dead_letter {
-                SubQueue::DeadLetter
-            } else {
-                SubQueue::None
-            },
-        };
-        let Some(client) = client.as_mut() else {
-            return Err(closed("subscriber"));
-        };
-        let receiver = match &config.subscription {
-            Some(s) => {
-                client
-                    .create_receiver_for_subscription(config.entity.clone(), s.clone(), options)
-                    .await
-            }
-            None => {
-                client
-                    .create_receiver_for_queue(config.entity.clone(), options)
-                    .await
-            }
-        }
-        .map_err(|e| map_error("create receiver", &e, entity_kind(config), &path))?;
-        Receivers::Plain(Box::new(receiver))
-    };
-    Ok((client, receivers))
-}
-
-pub(crate) fn entity_kind(config: &ServiceBusConfig) -> &'static str {
-    if config.subscription.is_some() {
-        "subscription"
-    } else {
-        "queue"
     }
 }
 
@@ -237,10 +157,11 @@ impl Subscriber for ServiceBusSubscriber {
             }
         });
         futures::future::join_all(closes).await;
+        self.connection.close().await;
         Ok(())
     }
 
-    /// One receive at a time per receiver (`receivers` in the configuration).
+    /// One receive at a time per receive link (`receivers` in the configuration).
     fn concurrent_receives(&self) -> usize {
         self.receivers.len()
     }

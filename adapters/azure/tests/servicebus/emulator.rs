@@ -25,6 +25,7 @@ pub async fn start_emulator() -> EmulatorHandle {
 
 /// A peek-lock, sessionless config for `entity` with the emulator's connection string.
 pub fn config(connection_string: &str, entity: &str) -> ServiceBusConfig {
+    cloudbus_testkit::log_to_stderr();
     let mut config = ServiceBusConfig::new(entity);
     config.connection_string = Some(Secret::new(connection_string));
     config
