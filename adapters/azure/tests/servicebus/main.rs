@@ -5,6 +5,7 @@
 //! JavaScript SDK `@azure/service-bus` (`interop_js`, `npm ci --prefix
 //! adapters/azure/tests/servicebus/js` first).
 
+mod connection;
 mod emulator;
 mod harness;
 mod interop;
