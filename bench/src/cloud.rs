@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use cloudbus::consumer::{CancellationToken, Consumer, Context, HandlerError};
 use cloudbus::{Message, Publisher};
 
-use crate::harness::{self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Progress, Report, Sink};
+use crate::harness::{self, BATCH, BODY, PUBLISH_TASKS, Progress, Report, Sink};
 use crate::plan::{Job, Transport};
 
 /// The LocalStack options of every sqs:// and sns:// URL.
@@ -36,10 +36,7 @@ pub fn url(job: &Job, receive: bool) -> String {
             )
         }
         Transport::Sns => format!("sns://{}?{AWS_QUERY}", job.entity),
-        // As many receivers (connections) as the raw loop has clients.
-        Transport::ServiceBus if receive => {
-            format!("servicebus://{}?receivers={CONSUME_TASKS}", job.entity)
-        }
+        // Default settings: one receive link.
         Transport::ServiceBus => format!("servicebus://{}", job.entity),
         Transport::Kafka if receive => format!(
             "kafka://{}?subscription={}&start=earliest&create=true&session_timeout=6s&brokers={}",

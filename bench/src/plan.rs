@@ -79,7 +79,16 @@ impl Transport {
                 "raw-consume-tasks",
                 "cloudbus-consume",
             ],
-            Transport::Memory | Transport::Sns | Transport::ServiceBus => &[
+            Transport::ServiceBus => &[
+                "raw-single",
+                "raw-batch",
+                "cloudbus-publish",
+                "cloudbus-publish-batch",
+                "latency",
+                "raw-consume",
+                "cloudbus-consume",
+            ],
+            Transport::Memory | Transport::Sns => &[
                 "raw-single",
                 "raw-batch",
                 "cloudbus-publish",

@@ -1,17 +1,22 @@
 //! Service Bus on the project's emulator (a separate process, so none of it is measured):
-//! starting it, the raw azservicebus scenarios, and the pre-filled backlogs.
+//! starting it, the raw azservicebus scenarios (the raw baseline), the latency scenario,
+//! and the pre-filled backlogs.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use azservicebus::prelude::*;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::harness::{self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Report, Sink, Source};
-use crate::plan::{Job, is_consume};
+use cloudbus::{Message, Publisher as _};
+
+use crate::harness::{
+    self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Percentiles, Report, Sink, Source,
+};
+use crate::plan::{Job, LATENCY_CALLS, LATENCY_WARMUP, is_consume};
 
 /// The variable cloudbus (and the raw scenarios) read the connection string from.
 pub const CONNECTION_STRING_ENV: &str = "AZURE_SERVICEBUS_CONNECTION_STRING";
@@ -191,6 +196,7 @@ pub async fn run(job: &Job) -> Result<Report> {
             }
             harness::consume(sources, n).await?
         }
+        "latency" => return latency(&connection_string, job).await,
         other => bail!("no raw Service Bus scenario `{other}`"),
     };
     Ok(Report::timed(n, elapsed))
@@ -266,4 +272,40 @@ impl Source for ReceiverSource {
         }
         Ok(messages.len())
     }
+}
+
+/// Sequential calls alternating a raw azservicebus `send_message` and a cloudbus `publish()`
+/// with `batching=false`, each to a queue of its own.
+async fn latency(connection_string: &str, job: &Job) -> Result<Report> {
+    let client = client(connection_string).await?;
+    let mut raw_sink = SenderSink::connect(client, &format!("{}-raw", job.entity), false).await?;
+    let publisher =
+        cloudbus::connect_publisher(format!("servicebus://{}-cb?batching=false", job.entity))
+            .await?;
+    let mut raw = Vec::with_capacity(LATENCY_CALLS);
+    let mut library = Vec::with_capacity(LATENCY_CALLS);
+    for call in 0..LATENCY_WARMUP + LATENCY_CALLS {
+        let start = Instant::now();
+        raw_sink.send(1).await?;
+        let raw_took = start.elapsed();
+        let start = Instant::now();
+        publisher
+            .publish(Message::new(BODY))
+            .await
+            .context("cloudbus publish")?;
+        let library_took = start.elapsed();
+        if call >= LATENCY_WARMUP {
+            raw.push(raw_took);
+            library.push(library_took);
+        }
+    }
+    publisher.close().await?;
+    let total = raw.iter().chain(&library).sum();
+    Ok(Report {
+        latency: Some(harness::Latency {
+            raw: Percentiles::of(&mut raw),
+            cloudbus: Percentiles::of(&mut library),
+        }),
+        ..Report::timed(LATENCY_CALLS, total)
+    })
 }
