@@ -85,17 +85,17 @@ pub struct ServiceBusConfig {
     pub dead_letter: bool,
     /// Largest message in bytes: 256 KiB on the standard tier (the default), up to 100 MiB on premium.
     pub max_message_size: usize,
-    /// Coalesce concurrent `publish` calls into batches: a publisher sends one transfer at a
-    /// time, and the messages published meanwhile go together in the next one (no linger
-    /// needed). Default `true`.
+    /// Coalesce concurrent `publish` calls into batches: a publisher keeps up to 4 transfers
+    /// in flight, and the messages published meanwhile go together in the next one (no
+    /// linger needed). Default `true`.
     pub batching: bool,
     /// With `batching`: messages per transfer at most. Default 100 (a batch is also
     /// limited to `max_message_size` bytes).
     pub batch_size: usize,
-    /// Receivers a subscriber opens, each a link on a connection of its own: a receiver
-    /// serves one receive or settlement at a time, so more receivers let a
-    /// [`Consumer`](cloudbus_core::Consumer) keep several receives and settlements going at
-    /// once. Default 1; at most 32; with `session` (one pinned session), 1.
+    /// Receive links a subscriber opens on its connection: a link serves one receive call
+    /// at a time (settling meanwhile), so more links let a
+    /// [`Consumer`](cloudbus_core::Consumer) keep several receives going at once. Default 1;
+    /// at most 32; with `session` (one pinned session), 1.
     pub receivers: usize,
 }
 
