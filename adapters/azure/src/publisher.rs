@@ -26,6 +26,8 @@ use crate::protocol::{Connection, Lost};
 /// How long a publish retries transient failures (a lost connection, a broker that is
 /// restarting) before it reports the last one.
 const SEND_RETRY: Duration = Duration::from_secs(60);
+/// Pause before resending after a transient failure: from the first, doubling, to the last.
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 /// Batches a publisher keeps in flight at once on its link.
 const BATCHES_IN_FLIGHT: usize = 4;
 
@@ -136,11 +138,15 @@ impl SendLink {
     async fn send(&self, messages: Vec<AmqpMessage>) -> Result<()> {
         let transfer = transfer(messages)?;
         let deadline = Instant::now() + SEND_RETRY;
+        let mut backoff = RETRY_BACKOFF.0;
         loop {
             match self.try_send(&transfer).await {
                 Ok(()) => return Ok(()),
-                Err(error) if error.is_transient() && Instant::now() < deadline => {
+                Err(error) if error.is_transient() && Instant::now() + backoff < deadline => {
                     tracing::debug!(messaging.system = "servicebus", messaging.destination.name = %self.path, %error, "send failed; retrying");
+                    // A busy broker refuses at once: do not hammer it.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF.1);
                 }
                 Err(error) => return Err(error),
             }
