@@ -212,7 +212,10 @@ pub(crate) fn from_servicebus(raw: &AmqpMessage, sessions: bool) -> Message {
         .and_then(|p| p.message_id.as_ref())
         .map(id_text)
         .unwrap_or_else(|| {
-            match annotation(raw.message_annotations.as_ref(), "x-opt-sequence-number") {
+            match annotation(
+                raw.message_annotations.as_ref().map(|a| &a.0),
+                "x-opt-sequence-number",
+            ) {
                 Some(Value::Long(n)) => n.to_string(),
                 _ => String::new(),
             }

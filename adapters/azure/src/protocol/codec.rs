@@ -8,9 +8,7 @@ use cloudbus_core::{Error, Result};
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp_types::messaging::annotations::OwnedKey;
 use fe2o3_amqp_types::messaging::message::__private::Serializable;
-use fe2o3_amqp_types::messaging::{
-    Batch, Body, Data, DeliveryAnnotations, Message, MessageAnnotations,
-};
+use fe2o3_amqp_types::messaging::{Annotations, Batch, Body, Data, Message};
 use fe2o3_amqp_types::primitives::{Binary, Value};
 
 use crate::TRANSPORT;
@@ -59,24 +57,12 @@ pub(crate) fn transfer(mut messages: Vec<AmqpMessage>) -> Result<Sendable<Body<V
         .build())
 }
 
-/// An annotation of the broker's, by name.
+/// An annotation by name, in message or delivery annotations.
 pub(crate) fn annotation<'a>(
-    annotations: Option<&'a MessageAnnotations>,
+    annotations: Option<&'a Annotations>,
     name: &str,
 ) -> Option<&'a Value> {
     annotations?
-        .0
-        .iter()
-        .find(|(k, _)| matches!(k, OwnedKey::Symbol(s) if s.0 == name))
-        .map(|(_, v)| v)
-}
-
-fn delivery_annotation<'a>(
-    annotations: Option<&'a DeliveryAnnotations>,
-    name: &str,
-) -> Option<&'a Value> {
-    annotations?
-        .0
         .iter()
         .find(|(k, _)| matches!(k, OwnedKey::Symbol(s) if s.0 == name))
         .map(|(_, v)| v)
@@ -96,14 +82,16 @@ pub(crate) struct Received {
 
 /// The broker's facts of `message`, delivered with `tag`.
 pub(crate) fn received(message: &AmqpMessage, tag: &[u8]) -> Received {
-    let annotations = message.message_annotations.as_ref();
-    let lock_token =
-        match delivery_annotation(message.delivery_annotations.as_ref(), "x-opt-lock-token") {
-            Some(Value::Uuid(u)) => uuid::Uuid::from_bytes(*u.as_inner()),
-            _ => <[u8; 16]>::try_from(tag)
-                .map(uuid::Uuid::from_bytes_le)
-                .unwrap_or_default(),
-        };
+    let annotations = message.message_annotations.as_ref().map(|a| &a.0);
+    let lock_token = match annotation(
+        message.delivery_annotations.as_ref().map(|a| &a.0),
+        "x-opt-lock-token",
+    ) {
+        Some(Value::Uuid(u)) => uuid::Uuid::from_bytes(*u.as_inner()),
+        _ => <[u8; 16]>::try_from(tag)
+            .map(uuid::Uuid::from_bytes_le)
+            .unwrap_or_default(),
+    };
     let long = |name| match annotation(annotations, name) {
         Some(Value::Long(n)) => Some(*n),
         Some(Value::Int(n)) => Some(i64::from(*n)),
