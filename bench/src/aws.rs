@@ -17,10 +17,8 @@ use omniqueue::backends::{SqsBackend, SqsConsumer, SqsProducer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::cloud;
-use crate::harness::{
-    self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Percentiles, Report, Sink, Source,
-};
-use crate::plan::{Job, LATENCY_CALLS, LATENCY_WARMUP, Transport, is_consume};
+use crate::harness::{self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Report, Sink, Source};
+use crate::plan::{Job, Transport, is_consume};
 
 pub const ENDPOINT: &str = "http://127.0.0.1:4566";
 pub const REGION: &str = "us-east-1";
@@ -368,38 +366,28 @@ async fn latency(aws: &Aws, job: &Job) -> Result<Report> {
         ),
         Err(e) => return Err(e.into()),
     };
-    let mut raw = Vec::with_capacity(LATENCY_CALLS);
-    let mut library = Vec::with_capacity(LATENCY_CALLS);
-    for call in 0..LATENCY_WARMUP + LATENCY_CALLS {
-        let start = Instant::now();
-        aws.sqs
-            .send_message()
-            .queue_url(&raw_url)
-            .message_body(BODY)
-            .send()
-            .await
-            .map_err(sdk("SQS SendMessage"))?;
-        let raw_took = start.elapsed();
-        let start = Instant::now();
-        publisher
-            .publish(Message::new(BODY))
-            .await
-            .context("cloudbus publish")?;
-        let library_took = start.elapsed();
-        if call >= LATENCY_WARMUP {
-            raw.push(raw_took);
-            library.push(library_took);
-        }
-    }
+    let report = harness::Latency::measure(
+        async || {
+            aws.sqs
+                .send_message()
+                .queue_url(&raw_url)
+                .message_body(BODY)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(sdk("SQS SendMessage"))
+        },
+        async || {
+            publisher
+                .publish(Message::new(BODY))
+                .await
+                .map(|_| ())
+                .context("cloudbus publish")
+        },
+    )
+    .await?;
     publisher.close().await?;
-    let total = raw.iter().chain(&library).sum();
-    Ok(Report {
-        latency: Some(harness::Latency {
-            raw: Percentiles::of(&mut raw),
-            cloudbus: Percentiles::of(&mut library),
-        }),
-        ..Report::timed(LATENCY_CALLS, total).with_note(note)
-    })
+    Ok(report.with_note(note))
 }
 
 /// SendMessage, or SendMessageBatch of up to 10.

@@ -10,6 +10,8 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
+use crate::plan::{LATENCY_CALLS, LATENCY_WARMUP};
+
 /// Concurrent tasks of the publish scenarios.
 pub const PUBLISH_TASKS: usize = 16;
 /// Concurrent tasks of the raw consume scenarios.
@@ -230,6 +232,38 @@ impl Report {
 pub struct Latency {
     pub raw: Percentiles,
     pub cloudbus: Percentiles,
+}
+
+impl Latency {
+    /// Alternates `raw` and `cloudbus` calls, warm-up first, and reports both latencies
+    /// (the report's time is the sum of the measured calls).
+    pub async fn measure(
+        mut raw: impl AsyncFnMut() -> Result<()>,
+        mut cloudbus: impl AsyncFnMut() -> Result<()>,
+    ) -> Result<Report> {
+        let mut raw_took = Vec::with_capacity(LATENCY_CALLS);
+        let mut library_took = Vec::with_capacity(LATENCY_CALLS);
+        for call in 0..LATENCY_WARMUP + LATENCY_CALLS {
+            let start = Instant::now();
+            raw().await?;
+            let raw_call = start.elapsed();
+            let start = Instant::now();
+            cloudbus().await?;
+            let library_call = start.elapsed();
+            if call >= LATENCY_WARMUP {
+                raw_took.push(raw_call);
+                library_took.push(library_call);
+            }
+        }
+        let total = raw_took.iter().chain(&library_took).sum();
+        Ok(Report {
+            latency: Some(Latency {
+                raw: Percentiles::of(&mut raw_took),
+                cloudbus: Percentiles::of(&mut library_took),
+            }),
+            ..Report::timed(LATENCY_CALLS, total)
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use azservicebus::prelude::*;
@@ -13,10 +13,8 @@ use tokio::process::{Child, ChildStdout, Command};
 
 use cloudbus::{Message, Publisher as _};
 
-use crate::harness::{
-    self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Percentiles, Report, Sink, Source,
-};
-use crate::plan::{Job, LATENCY_CALLS, LATENCY_WARMUP, is_consume};
+use crate::harness::{self, BATCH, BODY, CONSUME_TASKS, PUBLISH_TASKS, Report, Sink, Source};
+use crate::plan::{Job, is_consume};
 
 /// The variable cloudbus (and the raw scenarios) read the connection string from.
 pub const CONNECTION_STRING_ENV: &str = "AZURE_SERVICEBUS_CONNECTION_STRING";
@@ -282,30 +280,17 @@ async fn latency(connection_string: &str, job: &Job) -> Result<Report> {
     let publisher =
         cloudbus::connect_publisher(format!("servicebus://{}-cb?batching=false", job.entity))
             .await?;
-    let mut raw = Vec::with_capacity(LATENCY_CALLS);
-    let mut library = Vec::with_capacity(LATENCY_CALLS);
-    for call in 0..LATENCY_WARMUP + LATENCY_CALLS {
-        let start = Instant::now();
-        raw_sink.send(1).await?;
-        let raw_took = start.elapsed();
-        let start = Instant::now();
-        publisher
-            .publish(Message::new(BODY))
-            .await
-            .context("cloudbus publish")?;
-        let library_took = start.elapsed();
-        if call >= LATENCY_WARMUP {
-            raw.push(raw_took);
-            library.push(library_took);
-        }
-    }
+    let report = harness::Latency::measure(
+        async || raw_sink.send(1).await,
+        async || {
+            publisher
+                .publish(Message::new(BODY))
+                .await
+                .map(|_| ())
+                .context("cloudbus publish")
+        },
+    )
+    .await?;
     publisher.close().await?;
-    let total = raw.iter().chain(&library).sum();
-    Ok(Report {
-        latency: Some(harness::Latency {
-            raw: Percentiles::of(&mut raw),
-            cloudbus: Percentiles::of(&mut library),
-        }),
-        ..Report::timed(LATENCY_CALLS, total)
-    })
+    Ok(report)
 }
