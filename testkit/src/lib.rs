@@ -38,13 +38,20 @@ pub use proxy::FaultProxy;
 
 pub use cloudbus_core::driver::Connect;
 
-/// Logs to stderr when `RUST_LOG` is set (`RUST_LOG=cloudbus_rabbitmq=debug`), for looking
-/// into a failing test; harnesses call it when they build a config. Later calls do nothing.
+/// Logs to stderr at the `RUST_LOG` levels when it is set (`RUST_LOG=cloudbus_rabbitmq=debug`),
+/// for looking into a failing test; otherwise warnings and errors only, through the test
+/// harness's capture, so that a failing test shows what went wrong around it. Harnesses
+/// call it when they build a config; later calls do nothing.
 pub fn log_to_stderr() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            .try_init();
+    } else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_test_writer()
             .try_init();
     }
 }
