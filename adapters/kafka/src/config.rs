@@ -121,7 +121,8 @@ pub struct KafkaConfig {
     /// itself prefetches up to its `queued.max.messages.kbytes`, 64 MiB). Default 10,000.
     pub max_buffered: usize,
     /// Consumer group session timeout: how long a crashed consumer keeps its partitions
-    /// before the group hands them to the others. Default 10 s.
+    /// before the group hands them to the others; the subscriber heartbeats every third of
+    /// it. Default 10 s.
     #[serde(with = "cloudbus_core::config::duration")]
     pub session_timeout: Duration,
     /// How long a publish may wait for the broker's acknowledgement (retries included)

@@ -272,6 +272,13 @@ impl KafkaSubscriber {
                 "session.timeout.ms",
                 config.session_timeout.as_millis().max(1).to_string(),
             )
+            // A third of the session timeout, as Kafka advises: a heartbeat late under
+            // load does not cost the partitions (librdkafka's 3 s default would leave one
+            // missed heartbeat of margin at a 6 s session timeout).
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout.as_millis() / 3).max(1).to_string(),
+            )
             .set("enable.partition.eof", "false");
         let consumer: StreamConsumer<Rebalancer> = settings
             .create_with_context(rebalancer)
