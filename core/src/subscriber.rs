@@ -60,6 +60,14 @@ pub trait Subscriber: Send + Sync {
         1
     }
 
+    /// The most messages one [`receive`](Subscriber::receive) call usefully asks for: 10
+    /// (the default, SQS's limit per request), more where the broker streams a call's
+    /// messages under one grant of credit (Service Bus). The
+    /// [`Consumer`](crate::Consumer) asks for no more per call.
+    fn receive_batch(&self) -> usize {
+        10
+    }
+
     /// What this subscriber receives from, as telemetry names it.
     fn destination(&self) -> Destination;
 }
@@ -246,6 +254,10 @@ impl<T: Subscriber + ?Sized> Subscriber for Box<T> {
         (**self).concurrent_receives()
     }
 
+    fn receive_batch(&self) -> usize {
+        (**self).receive_batch()
+    }
+
     fn destination(&self) -> Destination {
         (**self).destination()
     }
@@ -267,6 +279,10 @@ impl<T: Subscriber + ?Sized> Subscriber for std::sync::Arc<T> {
 
     fn concurrent_receives(&self) -> usize {
         (**self).concurrent_receives()
+    }
+
+    fn receive_batch(&self) -> usize {
+        (**self).receive_batch()
     }
 
     fn destination(&self) -> Destination {

@@ -65,7 +65,8 @@
 //! The dead-letter description is the error's text with its sources (at most 1,024 bytes).
 //!
 //! - **Concurrency and prefetch.** At most [`ConsumerBuilder::concurrency`] messages are
-//!   in the consumer at once, and it receives only for free slots (at most 10 per call),
+//!   in the consumer at once, and it receives only for free slots (at most the
+//!   subscriber's [`Subscriber::receive_batch`] per call: 10 on SQS, 100 on Service Bus),
 //!   so no message waits in a local buffer while its lock runs out. While messages flow,
 //!   several receive calls run at once ([`ConsumerBuilder::receivers`]); on an idle queue
 //!   one long poll at a time.

@@ -25,8 +25,6 @@ use super::summary::{Stats, StopReason, Summary, bump};
 use super::telemetry::{HandlerOutcome, Instruments, describe_metrics, process_span};
 use crate::{Delivery, Error, Subscriber};
 
-/// The most messages asked for in one receive call (the SQS maximum).
-const MAX_BATCH: usize = 10;
 /// The least time between two receive calls that returned nothing, in case a transport
 /// returns at once instead of waiting.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
@@ -90,6 +88,7 @@ pub(crate) async fn run<H: Handler>(
         .min(subscriber.concurrent_receives())
         .max(1);
     let fair_share = shared.settings.concurrency / receivers;
+    let batch = subscriber.receive_batch().max(1);
     // Receive calls in progress, each with the slots it holds and when it was asked.
     let mut polls: FuturesUnordered<Poll> = FuturesUnordered::new();
     // After an empty receive, one call at a time (an idle queue costs one long poll per
@@ -117,7 +116,7 @@ pub(crate) async fn run<H: Handler>(
             () = shutdown.cancelled() => break StopReason::Cancelled,
             Some(done) = polls.next(), if !polls.is_empty() => PollEvent::Done(done),
             () = pause_over => PollEvent::PauseOver,
-            permits = free_slots(&slots, least), if may_start => PollEvent::Slots(permits),
+            permits = free_slots(&slots, least, batch), if may_start => PollEvent::Slots(permits),
         };
         let (received, permits, asked_at) = match event {
             PollEvent::PauseOver => {
@@ -244,12 +243,16 @@ fn finish_receiving<H: Handler>(
     Some(tokio::spawn(finish.with_current_subscriber()))
 }
 
-/// Waits for at least `least` free slots and takes up to [`MAX_BATCH`], one permit per
-/// slot; `None` if the semaphore is closed.
-async fn free_slots(slots: &Arc<Semaphore>, least: usize) -> Option<Vec<OwnedSemaphorePermit>> {
-    let least = least.clamp(1, MAX_BATCH);
+/// Waits for at least `least` free slots and takes up to `batch` (the subscriber's
+/// [`Subscriber::receive_batch`]), one permit per slot; `None` if the semaphore is closed.
+async fn free_slots(
+    slots: &Arc<Semaphore>,
+    least: usize,
+    batch: usize,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let least = least.clamp(1, batch);
     let mut taken = slots.clone().acquire_many_owned(least as u32).await.ok()?;
-    while taken.num_permits() < MAX_BATCH {
+    while taken.num_permits() < batch {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => taken.merge(permit),
             Err(_) => break,
@@ -344,7 +347,9 @@ fn dispatch<H: Handler>(
         .ordering_key
         .clone()
         .map(|key| lanes.enter(key));
-    let task = process(shared.clone(), delivery, received_at, turn, permit);
+    // Boxed where it is made: the task is a few KiB, and moved unboxed into the span,
+    // the dispatcher and the runtime it would be copied at each step.
+    let task = Box::pin(process(shared.clone(), delivery, received_at, turn, permit));
     tasks.spawn(task.instrument(span).with_current_subscriber());
 }
 
