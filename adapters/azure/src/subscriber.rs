@@ -18,6 +18,9 @@ use crate::protocol::Connection;
 use crate::protocol::management::Management;
 use crate::receiver::{Command, ReceiverTask};
 
+/// The most messages a receive call of the [`Consumer`](cloudbus_core::Consumer) asks for.
+const RECEIVE_BATCH: usize = 100;
+
 /// Receives from a Service Bus queue, subscription or dead-letter queue, through
 /// `receivers` receive links on one connection.
 pub struct ServiceBusSubscriber {
@@ -164,6 +167,11 @@ impl Subscriber for ServiceBusSubscriber {
     /// One receive at a time per receive link (`receivers` in the configuration).
     fn concurrent_receives(&self) -> usize {
         self.receivers.len()
+    }
+
+    /// A receive call grants its link credit for all it asks, and the broker streams them.
+    fn receive_batch(&self) -> usize {
+        RECEIVE_BATCH
     }
 
     fn destination(&self) -> Destination {
