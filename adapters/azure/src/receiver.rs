@@ -104,8 +104,8 @@ struct Link {
     session: Option<String>,
     session_locked_until: SystemTime,
     own_session: Option<SessionHandle<()>>,
-    /// Credit granted and neither used nor drained since: a call that took all it granted
-    /// has nothing to drain (a round trip saved when messages are flowing).
+    /// Credit granted and neither used nor taken back since: a call that used all it
+    /// granted has nothing to take back (a frame saved when messages are flowing).
     credit: u32,
     /// When it last brought a message (for letting an idle session go).
     last_arrival: Instant,
