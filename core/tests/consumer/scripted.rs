@@ -58,6 +58,8 @@ struct Scripted {
     log: Arc<Mutex<Log>>,
     /// What [`Subscriber::concurrent_receives`] reports.
     concurrent: usize,
+    /// What [`Subscriber::receive_batch`] reports; `None`: the trait's default.
+    batch: Option<usize>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +92,7 @@ impl Scripted {
             script: Mutex::new(steps.into()),
             log: log.clone(),
             concurrent: 1,
+            batch: None,
         };
         (Arc::new(subscriber), log)
     }
@@ -101,6 +104,7 @@ impl Scripted {
             script: Mutex::new(std::mem::take(&mut *lock(&subscriber.script))),
             log: log.clone(),
             concurrent,
+            batch: None,
         };
         (Arc::new(subscriber), log)
     }
@@ -153,6 +157,10 @@ impl Subscriber for Scripted {
 
     fn concurrent_receives(&self) -> usize {
         self.concurrent
+    }
+
+    fn receive_batch(&self) -> usize {
+        self.batch.unwrap_or(10)
     }
 
     fn destination(&self) -> Destination {
@@ -447,6 +455,31 @@ async fn one_key_at_a_time_in_order_and_a_retry_releases_the_rest() {
         (3, 1, 2),
         "{summary:?}"
     );
+}
+
+/// The first receive call of a consumer with 80 free slots asks for the subscriber's
+/// `receive_batch`: 10 by default, more where the subscriber says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_asks_for_the_subscribers_batch() {
+    for (batch, expected) in [(None, 10), (Some(50), 50)] {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let subscriber = Arc::new(Scripted {
+            script: Mutex::new(VecDeque::new()),
+            log: log.clone(),
+            concurrent: 1,
+            batch,
+        });
+        let consumer = builder(subscriber)
+            .concurrency(80)
+            .build()
+            .expect("consumer");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(ok, shutdown.clone()));
+        wait_until("a receive call", || !lock(&log).receives.is_empty()).await;
+        stop(shutdown, task).await;
+        let first = lock(&log).receives[0].1;
+        assert_eq!(first, expected, "receive_batch {batch:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
