@@ -521,10 +521,9 @@ impl ReceiverTask {
         incoming: &mut mpsc::Receiver<Command>,
     ) -> Option<Command> {
         let mut completions = Vec::new();
-        let mut next = Some(Command::Settle { token, how, reply });
-        let mut leftover = None;
-        let mut taken = 0;
-        while let Some(command) = next.take() {
+        let first = Command::Settle { token, how, reply };
+        let queued = std::iter::from_fn(|| incoming.try_recv().ok());
+        for command in std::iter::once(first).chain(queued).take(SETTLE_BATCH) {
             match command {
                 Command::Settle {
                     token,
@@ -535,17 +534,13 @@ impl ReceiverTask {
                     let _ = reply.send(self.settle(token, how).await);
                 }
                 other => {
-                    leftover = Some(other);
-                    break;
+                    self.complete_all(completions).await;
+                    return Some(other);
                 }
-            }
-            taken += 1;
-            if taken < SETTLE_BATCH {
-                next = incoming.try_recv().ok();
             }
         }
         self.complete_all(completions).await;
-        leftover
+        None
     }
 
     /// Completes deliveries together: one `accept_all` per link.
