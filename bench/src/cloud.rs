@@ -63,6 +63,7 @@ pub async fn run(job: &Job) -> Result<Report> {
     match job.scenario {
         "cloudbus-publish" => publish(job, 1).await,
         "cloudbus-publish-batch" => publish(job, BATCH).await,
+        "cloudbus-publish-batch-16" => publish_from_16_publishers(job).await,
         "cloudbus-consume" | "cloudbus-drain-100k" => consume(job).await,
         "cloudbus-receive" => receive(job).await,
         other => bail!("no cloudbus scenario `{other}`"),
@@ -112,6 +113,27 @@ async fn publish(job: &Job, per_call: usize) -> Result<Report> {
     let (publisher, sinks) = connect_sinks(job, per_call).await?;
     let elapsed = harness::publish(sinks, job.messages, per_call).await?;
     publisher.close().await?;
+    Ok(Report::timed(job.messages, elapsed))
+}
+
+/// `publish_batch()` of 10 from 16 tasks with a publisher (a connection) each, the shape of
+/// the raw Service Bus baseline's 16 clients: the ratio to `cloudbus-publish-batch`, which
+/// shares one publisher, shows what the connection count is worth.
+async fn publish_from_16_publishers(job: &Job) -> Result<Report> {
+    let mut sinks = Vec::with_capacity(PUBLISH_TASKS);
+    for _ in 0..PUBLISH_TASKS {
+        let publisher: Arc<dyn Publisher> =
+            cloudbus::connect_publisher(url(job, false)).await?.into();
+        sinks.push(PublisherSink {
+            publisher,
+            batch: true,
+        });
+    }
+    let publishers: Vec<_> = sinks.iter().map(|s| s.publisher.clone()).collect();
+    let elapsed = harness::publish(sinks, job.messages, BATCH).await?;
+    for publisher in publishers {
+        publisher.close().await?;
+    }
     Ok(Report::timed(job.messages, elapsed))
 }
 

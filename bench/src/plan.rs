@@ -84,6 +84,7 @@ impl Transport {
                 "raw-batch",
                 "cloudbus-publish",
                 "cloudbus-publish-batch",
+                "cloudbus-publish-batch-16",
                 "latency",
                 "raw-consume",
                 "cloudbus-consume",

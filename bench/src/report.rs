@@ -62,6 +62,7 @@ fn baselines(scenario: &str) -> &'static [&'static str] {
         ],
         "omniqueue" => &["raw-batch", "raw-single"],
         "cloudbus-publish-batch" => &["raw-batch", "raw-batch-envelope"],
+        "cloudbus-publish-batch-16" => &["raw-batch"],
         "cloudbus-consume" => &["raw-consume-tasks", "raw-consume"],
         "omniqueue-consume" | "cloudbus-drain-100k" => &["raw-consume"],
         "cloudbus-receive" => &["raw-consume"],
@@ -204,7 +205,8 @@ broker does the same work per message as for cloudbus: the ratio to it isolates 
 **raw-batch-envelope-serial** (SQS): the same from one task, one call at a time: the calls 16 \
 `publish()` callers allow, since 16 waiting messages fill one batch of 10 and the rest waits for the next.
 - **cloudbus-publish**: `Publisher::publish()` of one message per call from 16 tasks; \
-**cloudbus-publish-batch**: `publish_batch()` of 10.
+**cloudbus-publish-batch**: `publish_batch()` of 10; \
+**cloudbus-publish-batch-16** (Service Bus): the same from 16 publishers, a connection each, as the raw loop's 16 clients.
 - **omniqueue**: omniqueue `SqsProducer::send_raw`, 16 tasks, one message per call (N/4).
 - **latency**: sequential calls alternating raw SendMessage and cloudbus `publish()` \
 (`batching=false`), after 20 warm-up calls each.
