@@ -34,6 +34,8 @@ mod client;
 mod codec;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod inspector;
 mod queue;
 mod sns;
