@@ -56,6 +56,8 @@
 
 pub mod config;
 mod connect;
+#[cfg(test)]
+mod fuzz;
 
 /// Amazon SQS and SNS: the `cloudbus-aws` crate (feature `aws`).
 #[cfg(feature = "aws")]
