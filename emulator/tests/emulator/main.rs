@@ -4,6 +4,7 @@
 
 mod cli;
 mod common;
+mod fuzz;
 mod protocol;
 mod python_interop;
 mod rust_interop;

@@ -20,22 +20,28 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Raw {
+/// A raw AMQP connection (also driven by the fuzz targets).
+pub(crate) struct Raw {
     s: TcpStream,
 }
 
 impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
+    pub(crate) async fn connect(addr: SocketAddr) -> Raw {
         Raw {
             s: TcpStream::connect(addr).await.expect("connect"),
         }
     }
 
-    async fn write(&mut self, bytes: &[u8]) {
+    pub(crate) async fn write(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).await.expect("write");
     }
 
-    async fn read_exact_n(&mut self, n: usize) -> Option<Vec<u8>> {
+    /// Writes `bytes`; `false` once the peer closed the connection.
+    pub(crate) async fn try_write(&mut self, bytes: &[u8]) -> bool {
+        self.s.write_all(bytes).await.is_ok()
+    }
+
+    pub(crate) async fn read_exact_n(&mut self, n: usize) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; n];
         match tokio::time::timeout(WAIT, self.s.read_exact(&mut buf)).await {
             Ok(Ok(_)) => Some(buf),
@@ -43,7 +49,7 @@ impl Raw {
         }
     }
 
-    async fn header(&mut self) {
+    pub(crate) async fn header(&mut self) {
         self.write(&AMQP_HEADER).await;
         assert_eq!(
             self.read_exact_n(8).await.as_deref(),
@@ -51,14 +57,14 @@ impl Raw {
         );
     }
 
-    async fn send(&mut self, channel: u16, p: Performative, payload: &[u8]) {
+    pub(crate) async fn send(&mut self, channel: u16, p: Performative, payload: &[u8]) {
         let mut out = BytesMut::new();
         codec::write_performative(&mut out, channel, &p, payload);
         self.write(&out).await;
     }
 
     /// The next frame: `(channel, body)`; `None` at EOF or after `WAIT`.
-    async fn frame(&mut self) -> Option<(u16, Bytes)> {
+    pub(crate) async fn frame(&mut self) -> Option<(u16, Bytes)> {
         let h = self.read_exact_n(8).await?;
         let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let rest = self.read_exact_n(size - 8).await?;
@@ -71,7 +77,7 @@ impl Raw {
     }
 
     /// The next performative, skipping heartbeats.
-    async fn performative(&mut self) -> Option<Performative> {
+    pub(crate) async fn performative(&mut self) -> Option<Performative> {
         loop {
             let (_, body) = self.frame().await?;
             if body.is_empty() {
@@ -85,7 +91,7 @@ impl Raw {
         }
     }
 
-    async fn open(&mut self, idle_time_out: Option<u32>) {
+    pub(crate) async fn open(&mut self, idle_time_out: Option<u32>) {
         self.header().await;
         let open = Open {
             container_id: "raw-test".into(),
@@ -106,7 +112,7 @@ impl Raw {
         ));
     }
 
-    async fn begin(&mut self, channel: u16) {
+    pub(crate) async fn begin(&mut self, channel: u16) {
         let begin = Begin {
             remote_channel: None,
             next_outgoing_id: 0,
@@ -415,7 +421,7 @@ async fn sasl_anonymous_then_amqp() {
     h.shutdown().await;
 }
 
-fn attach(name: &str, handle: u32, role: Role, address: &str) -> Attach {
+pub(crate) fn attach(name: &str, handle: u32, role: Role, address: &str) -> Attach {
     use fe2o3_amqp_types::messaging::Source;
     let (source, target) = match role {
         Role::Sender => (
