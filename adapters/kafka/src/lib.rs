@@ -45,6 +45,8 @@ mod admin;
 mod client;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod inspector;
 mod ledger;
 mod mapping;
