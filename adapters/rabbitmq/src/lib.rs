@@ -49,6 +49,8 @@
 mod client;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod inspector;
 mod mapping;
 mod publisher;

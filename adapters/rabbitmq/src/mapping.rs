@@ -6,7 +6,8 @@
 //! - attributes = headers, sent as long strings. Headers of other producers arrive as
 //!   text: strings as they are (bytes that are not UTF-8, and byte arrays, as base64),
 //!   booleans `true`/`false`, integers and floats in decimal, decimals with their scale
-//!   (`12.50`), timestamps in RFC 3339, tables and arrays as JSON. The broker's own
+//!   (`12.50`), timestamps in RFC 3339 (past the year 9999 in unix seconds), tables and
+//!   arrays as JSON. The broker's own
 //!   headers (`x-…`) are not attributes.
 //! - time to live = `expiration`, and the header `cloudbus-expires-at` (unix milliseconds)
 //!   by which the subscriber drops a message that outlived it on the way (a delayed copy
@@ -210,9 +211,10 @@ pub(crate) fn decode(
     } else {
         broker_count
     };
+    // A foreign producer's timestamp may lie past what SystemTime holds: then it is unknown.
     let enqueued_at = properties
         .timestamp()
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
         .unwrap_or_else(SystemTime::now);
     Decoded {
         message,
@@ -338,9 +340,7 @@ pub(crate) fn text(value: &AMQPValue) -> String {
         AMQPValue::LongString(s) => bytes_text(s.as_bytes()),
         AMQPValue::ShortString(s) => s.as_str().to_string(),
         AMQPValue::ByteArray(b) => base64::engine::general_purpose::STANDARD.encode(b.as_slice()),
-        AMQPValue::Timestamp(t) => {
-            humantime::format_rfc3339(UNIX_EPOCH + Duration::from_secs(*t)).to_string()
-        }
+        AMQPValue::Timestamp(t) => timestamp_text(*t),
         AMQPValue::Void => String::new(),
         AMQPValue::FieldTable(_) | AMQPValue::FieldArray(_) => json(value).to_string(),
         AMQPValue::DecimalValue(d) => decimal(d.value, d.scale),
@@ -349,6 +349,18 @@ pub(crate) fn text(value: &AMQPValue) -> String {
             v => v.to_string(),
         },
     }
+}
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// A timestamp header in RFC 3339; one past the year 9999, which RFC 3339 cannot write,
+/// as its unix seconds.
+fn timestamp_text(seconds: u64) -> String {
+    if seconds > LAST_RFC3339_SECOND {
+        return seconds.to_string();
+    }
+    humantime::format_rfc3339(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
 }
 
 fn bytes_text(bytes: &[u8]) -> String {
@@ -417,6 +429,16 @@ pub(crate) fn long_string(value: impl Into<String>) -> AMQPValue {
 mod tests {
     use super::*;
     use lapin::types::{DecimalValue, FieldArray};
+
+    /// Found by the fuzz target: a timestamp past what `SystemTime` holds panicked.
+    #[test]
+    fn a_timestamp_past_what_system_time_holds_is_unknown_not_a_panic() {
+        let properties = BasicProperties::default().with_timestamp(1 << 63);
+        let before = SystemTime::now();
+        let decoded = decode(&properties, b"body".to_vec(), false, || "x".into());
+        assert!(decoded.enqueued_at >= before);
+        assert_eq!(&decoded.message.payload[..], b"body");
+    }
 
     #[test]
     fn every_field_round_trips() {
@@ -502,6 +524,8 @@ mod tests {
                 "-1.5",
             ),
             ("time", AMQPValue::Timestamp(0), "1970-01-01T00:00:00Z"),
+            // Found by the fuzz target: RFC 3339 ends with the year 9999, and this panicked.
+            ("far", AMQPValue::Timestamp(253_402_300_800), "253402300800"),
             ("table", AMQPValue::FieldTable(table), r#"{"n":1}"#),
             (
                 "array",
@@ -522,16 +546,16 @@ mod tests {
         let properties = BasicProperties::default().with_headers(headers);
         let got = decode(&properties, b"body".to_vec(), true, || "q/1".into());
         assert_eq!(got.message.id, "q/1");
-        for (key, _, text) in cases {
+        for (key, _, text) in &cases {
             assert_eq!(
-                got.message.attributes.get(key).map(String::as_str),
-                Some(text),
+                got.message.attributes.get(*key).map(String::as_str),
+                Some(*text),
                 "{key}"
             );
         }
         assert_eq!(
             got.message.attributes.len(),
-            12,
+            cases.len(),
             "no x- or cloudbus- headers"
         );
         assert_eq!(got.earlier_deliveries, 5);
