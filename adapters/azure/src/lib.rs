@@ -41,6 +41,8 @@
 mod config;
 mod credentials;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod inspector;
 mod mapping;
 mod protocol;

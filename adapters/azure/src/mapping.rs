@@ -202,6 +202,8 @@ pub(crate) fn from_servicebus(raw: &AmqpMessage, sessions: bool) -> Message {
         Body::Value(value) => match &value.0 {
             Value::String(s) => s.clone().into_bytes(),
             Value::Binary(b) => b.to_vec(),
+            // A null value (what a body-less message decodes to) is an empty payload.
+            Value::Null => Vec::new(),
             other => format!("{other:?}").into_bytes(),
         },
         Body::Empty => Vec::new(),
@@ -249,6 +251,20 @@ pub(crate) fn from_servicebus(raw: &AmqpMessage, sessions: bool) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz target: an empty body arrived as the text `Null`.
+    #[test]
+    fn a_body_less_message_is_an_empty_payload() {
+        let message: AmqpMessage = fe2o3_amqp_types::messaging::Message::builder()
+            .body(Body::Empty)
+            .build();
+        let bytes = serde_amqp::to_vec(
+            &fe2o3_amqp_types::messaging::message::__private::Serializable(&message),
+        )
+        .expect("encodes");
+        let decoded = crate::protocol::codec::decode(&bytes).expect("decodes");
+        assert!(from_servicebus(&decoded, false).payload.is_empty());
+    }
 
     #[test]
     fn unordered_sessions_are_stable_and_few() {
