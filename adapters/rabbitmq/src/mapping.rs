@@ -7,8 +7,7 @@
 //!   text: strings as they are (bytes that are not UTF-8, and byte arrays, as base64),
 //!   booleans `true`/`false`, integers and floats in decimal, decimals with their scale
 //!   (`12.50`), timestamps in RFC 3339 (past the year 9999 in unix seconds), tables and
-//!   arrays as JSON. The broker's own
-//!   headers (`x-…`) are not attributes.
+//!   arrays as JSON. The broker's own headers (`x-…`) are not attributes.
 //! - time to live = `expiration`, and the header `cloudbus-expires-at` (unix milliseconds)
 //!   by which the subscriber drops a message that outlived it on the way (a delayed copy
 //!   travels without `expiration`).
