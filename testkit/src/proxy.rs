@@ -10,6 +10,8 @@
 //!   broker that is down.
 //! - [`FaultProxy::pause`] holds the bytes in both directions without dropping them, as a
 //!   stalled network; they flow again when it is lifted.
+//! - [`FaultProxy::latency`] holds each chunk of bytes for a while before passing it on, in
+//!   both directions, as a slow broker or a long network path.
 //!
 //! ```
 //! # cloudbus_testkit::run(async {
@@ -64,6 +66,8 @@ struct Shared {
     refusing: AtomicBool,
     /// Bytes are held in both directions.
     paused: watch::Sender<bool>,
+    /// How long each chunk of bytes is held before it is passed on.
+    latency: watch::Sender<Duration>,
     /// The proxy was dropped: a connection accepted since is closed at once.
     stopped: AtomicBool,
 }
@@ -135,6 +139,7 @@ impl FaultProxy {
             accepted: AtomicUsize::new(0),
             refusing: AtomicBool::new(false),
             paused: watch::Sender::new(false),
+            latency: watch::Sender::new(Duration::ZERO),
             stopped: AtomicBool::new(false),
         });
         let acceptor = tokio::spawn(accept(listener, upstream, shared.clone()));
@@ -200,6 +205,14 @@ impl FaultProxy {
     pub fn pause(&self, on: bool) {
         self.shared.paused.send_replace(on);
     }
+
+    /// From now on, each chunk of bytes read from either side is held for `delay` before it
+    /// is written to the other, as a slow broker: every request and every answer arrives
+    /// `delay` late. The chunks of one direction wait one after another, so a connection
+    /// that sends much also gets less throughput, as on a slow link. `Duration::ZERO` ends it.
+    pub fn latency(&self, delay: Duration) {
+        self.shared.latency.send_replace(delay);
+    }
 }
 
 impl std::fmt::Debug for FaultProxy {
@@ -211,6 +224,7 @@ impl std::fmt::Debug for FaultProxy {
             .field("accepted", &self.accepted())
             .field("refusing", &self.shared.refusing.load(Ordering::SeqCst))
             .field("paused", &*self.shared.paused.borrow())
+            .field("latency", &*self.shared.latency.borrow())
             .finish()
     }
 }
@@ -249,7 +263,7 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>
             tokio::select! {
                 biased;
                 _ = cut_off => {}
-                outcome = forward(client, upstream, shared.paused.subscribe()) => {
+                outcome = forward(client, upstream, Faults::of(&shared)) => {
                     if let Err(error) = outcome {
                         tracing::debug!(%error, "fault proxy: connection ended");
                     }
@@ -263,46 +277,68 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>
 
 /// Connects to `upstream` and copies bytes both ways until both sides have finished
 /// (each EOF is passed on as a shutdown of the other side) or one fails.
-async fn forward(
-    mut client: TcpStream,
-    upstream: SocketAddr,
-    paused: watch::Receiver<bool>,
-) -> io::Result<()> {
+async fn forward(mut client: TcpStream, upstream: SocketAddr, faults: Faults) -> io::Result<()> {
     let mut server = TcpStream::connect(upstream).await?;
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     tokio::try_join!(
-        pump(&mut client_read, &mut server_write, paused.clone()),
-        pump(&mut server_read, &mut client_write, paused),
+        pump(&mut client_read, &mut server_write, faults.clone()),
+        pump(&mut server_read, &mut client_write, faults),
     )?;
     Ok(())
 }
 
-/// Copies `from` to `to` until EOF, holding the bytes while the proxy is paused: it reads
-/// nothing while paused, and a chunk read just before the pause waits to be written.
-async fn pump<R, W>(from: &mut R, to: &mut W, mut paused: watch::Receiver<bool>) -> io::Result<()>
+/// What one direction of a connection watches: the pause and the latency.
+#[derive(Clone)]
+struct Faults {
+    paused: watch::Receiver<bool>,
+    latency: watch::Receiver<Duration>,
+}
+
+impl Faults {
+    fn of(shared: &Shared) -> Faults {
+        Faults {
+            paused: shared.paused.subscribe(),
+            latency: shared.latency.subscribe(),
+        }
+    }
+
+    /// Waits until the proxy is not paused.
+    async fn resumed(&mut self) -> io::Result<()> {
+        match self.paused.wait_for(|paused| !*paused).await {
+            Ok(_) => Ok(()),
+            // The proxy is gone; its drop cuts this connection anyway.
+            Err(_) => Err(io::Error::other("the fault proxy was dropped")),
+        }
+    }
+
+    /// Holds a chunk for the latency set now.
+    async fn delay(&self) {
+        let delay = *self.latency.borrow();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF, holding the bytes while the proxy is paused (it reads
+/// nothing while paused, and a chunk read just before the pause waits to be written) and
+/// each chunk for the latency.
+async fn pump<R, W>(from: &mut R, to: &mut W, mut faults: Faults) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buffer = vec![0; 16 * 1024];
     loop {
-        resumed(&mut paused).await?;
+        faults.resumed().await?;
         let read = from.read(&mut buffer).await?;
         if read == 0 {
             return to.shutdown().await;
         }
-        resumed(&mut paused).await?;
+        faults.delay().await;
+        faults.resumed().await?;
         to.write_all(&buffer[..read]).await?;
-    }
-}
-
-/// Waits until the proxy is not paused.
-async fn resumed(paused: &mut watch::Receiver<bool>) -> io::Result<()> {
-    match paused.wait_for(|paused| !*paused).await {
-        Ok(_) => Ok(()),
-        // The proxy is gone; its drop cuts this connection anyway.
-        Err(_) => Err(io::Error::other("the fault proxy was dropped")),
     }
 }
 
@@ -450,6 +486,32 @@ mod tests {
             .expect("read the held bytes");
         assert_eq!(&echoed, b"held");
         round_trip(&mut stream, b"flowing again").await;
+    }
+
+    #[tokio::test]
+    async fn proxy_latency_holds_each_chunk_then_passes_it_on() {
+        let proxy = FaultProxy::start(echo_server().await).await.expect("start");
+        let mut stream = client(&proxy).await;
+        round_trip(&mut stream, b"fast").await;
+
+        // Each way is held this long, so the echo comes back after twice that.
+        proxy.latency(HELD);
+        stream.write_all(b"slow").await.expect("write");
+        let mut echoed = [0; 4];
+        assert!(
+            tokio::time::timeout(HELD, stream.read_exact(&mut echoed))
+                .await
+                .is_err(),
+            "nothing arrives before the latency has passed"
+        );
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut echoed))
+            .await
+            .expect("the bytes arrive after the latency")
+            .expect("read the delayed bytes");
+        assert_eq!(&echoed, b"slow");
+
+        proxy.latency(Duration::ZERO);
+        round_trip(&mut stream, b"fast again").await;
     }
 
     #[tokio::test]
