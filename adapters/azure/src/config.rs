@@ -1,5 +1,7 @@
 //! [`ServiceBusConfig`]: `servicebus://<queue or topic>[/$deadletter][?subscription=<name>&...]`.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use cloudbus_core::config::{ConfigUrl, Secret};
 use cloudbus_core::driver::{Connect, TransportConfig};
@@ -97,6 +99,11 @@ pub struct ServiceBusConfig {
     /// [`Consumer`](cloudbus_core::Consumer) keep several receives going at once. Default 1;
     /// at most 32; with `session` (one pinned session), 1.
     pub receivers: usize,
+    /// How long a publish may take: it retries transient failures (a lost connection, a
+    /// broker that is restarting or cannot be reached, one that does not answer) until
+    /// then, and fails with a transient error after it. Default 60 s.
+    #[serde(with = "cloudbus_core::config::duration")]
+    pub publish_timeout: Duration,
 }
 
 impl Default for ServiceBusConfig {
@@ -117,6 +124,7 @@ impl Default for ServiceBusConfig {
             batching: true,
             batch_size: 100,
             receivers: 1,
+            publish_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -236,6 +244,9 @@ mod tests {
         let dlq = ServiceBusConfig::from_url("servicebus://orders/$deadletter").unwrap();
         assert!(dlq.dead_letter && dlq.entity == "orders");
         assert!(ServiceBusConfig::from_url("servicebus://").is_err());
+        let timed = ServiceBusConfig::from_url("servicebus://orders?publish_timeout=5s").unwrap();
+        assert_eq!(timed.publish_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(dlq.publish_timeout, std::time::Duration::from_secs(60));
     }
 
     #[test]

@@ -23,9 +23,6 @@ use crate::mapping::{ENCODING_OVERHEAD, session_of, to_servicebus};
 use crate::protocol::codec::{AmqpMessage, transfer};
 use crate::protocol::{Connection, Lost};
 
-/// How long a publish retries transient failures (a lost connection, a broker that is
-/// restarting) before it reports the last one.
-const SEND_RETRY: Duration = Duration::from_secs(60);
 /// Pause before resending after a transient failure: from the first, doubling, to the last.
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 /// Batches a publisher keeps in flight at once on its link.
@@ -71,6 +68,7 @@ impl ServiceBusPublisher {
             connection,
             path: config.entity.clone(),
             sender: Mutex::new(None),
+            timeout: config.publish_timeout,
         });
         // Attach now, so that a missing entity is reported here.
         link.attached().await?;
@@ -111,6 +109,8 @@ struct SendLink {
     connection: Connection,
     path: String,
     sender: Mutex<Option<(Sender, Lost)>>,
+    /// `publish_timeout`: how long a send may retry and wait.
+    timeout: Duration,
 }
 
 impl SendLink {
@@ -134,13 +134,28 @@ impl SendLink {
     }
 
     /// Sends `messages` as one transfer and waits until the broker accepted it, retrying
-    /// transient failures for up to [`SEND_RETRY`]. Reported sent only once accepted.
+    /// transient failures for up to `publish_timeout`, and fails with a transient error
+    /// when the broker has not confirmed by then (a broker that stalls). Reported sent only
+    /// once accepted.
     async fn send(&self, messages: Vec<AmqpMessage>) -> Result<()> {
         let transfer = transfer(messages)?;
-        let deadline = Instant::now() + SEND_RETRY;
+        let deadline = Instant::now() + self.timeout;
         let mut backoff = RETRY_BACKOFF.0;
         loop {
-            match self.try_send(&transfer).await {
+            let attempt = tokio::time::timeout_at(deadline.into(), self.try_send(&transfer));
+            let outcome = attempt.await.unwrap_or_else(|_| {
+                Err(Error::transport(
+                    TRANSPORT,
+                    format!(
+                        "send: the broker did not confirm within publish_timeout ({:?}); \
+                         it may still have taken the message",
+                        self.timeout
+                    ),
+                    true,
+                    None,
+                ))
+            });
+            match outcome {
                 Ok(()) => return Ok(()),
                 Err(error) if error.is_transient() && Instant::now() + backoff < deadline => {
                     tracing::debug!(messaging.system = "servicebus", messaging.destination.name = %self.path, %error, "send failed; retrying");
