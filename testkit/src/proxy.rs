@@ -11,7 +11,8 @@
 //! - [`FaultProxy::pause`] holds the bytes in both directions without dropping them, as a
 //!   stalled network; they flow again when it is lifted.
 //! - [`FaultProxy::latency`] holds each chunk of bytes for a while before passing it on, in
-//!   both directions, as a slow broker or a long network path.
+//!   both directions, as a slow broker or a long network path (chunks are pipelined: each
+//!   arrives that much late, however many are on their way).
 //!
 //! ```
 //! # cloudbus_testkit::run(async {
@@ -131,23 +132,15 @@ impl FaultProxy {
     /// to `upstream`. Call it inside a tokio runtime, which runs the proxy's tasks; fails
     /// only if it cannot listen. A connection whose upstream connect fails is closed.
     pub async fn start(upstream: SocketAddr) -> io::Result<FaultProxy> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            open: Mutex::new(Open::default()),
-            count: watch::Sender::new(0),
-            accepted: AtomicUsize::new(0),
-            refusing: AtomicBool::new(false),
-            paused: watch::Sender::new(false),
-            latency: watch::Sender::new(Duration::ZERO),
-            stopped: AtomicBool::new(false),
-        });
-        let acceptor = tokio::spawn(accept(listener, upstream, shared.clone()));
-        Ok(FaultProxy {
-            addr,
-            upstream,
-            shared,
-            acceptor,
+        FaultProxy::reserve().await?.start(upstream)
+    }
+
+    /// Listens on 127.0.0.1 (a port the OS chooses) without forwarding yet: for a broker
+    /// that must know the proxy's port before it starts (one that advertises the address
+    /// clients come back to). [`ReservedProxy::start`] then forwards to it.
+    pub async fn reserve() -> io::Result<ReservedProxy> {
+        Ok(ReservedProxy {
+            listener: TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?,
         })
     }
 
@@ -208,10 +201,45 @@ impl FaultProxy {
 
     /// From now on, each chunk of bytes read from either side is held for `delay` before it
     /// is written to the other, as a slow broker: every request and every answer arrives
-    /// `delay` late. The chunks of one direction wait one after another, so a connection
-    /// that sends much also gets less throughput, as on a slow link. `Duration::ZERO` ends it.
+    /// `delay` late. The chunks are pipelined, as on a long network path: each is written
+    /// `delay` after it was read, however many are on their way. `Duration::ZERO` ends it.
     pub fn latency(&self, delay: Duration) {
         self.shared.latency.send_replace(delay);
+    }
+}
+
+/// A proxy's listening socket, from [`FaultProxy::reserve`]: connections wait in its
+/// backlog until [`ReservedProxy::start`].
+#[derive(Debug)]
+pub struct ReservedProxy {
+    listener: TcpListener,
+}
+
+impl ReservedProxy {
+    /// The port the proxy listens on.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |addr| addr.port())
+    }
+
+    /// Starts forwarding every connection to `upstream`, inside a tokio runtime.
+    pub fn start(self, upstream: SocketAddr) -> io::Result<FaultProxy> {
+        let addr = self.listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            open: Mutex::new(Open::default()),
+            count: watch::Sender::new(0),
+            accepted: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
+            paused: watch::Sender::new(false),
+            latency: watch::Sender::new(Duration::ZERO),
+            stopped: AtomicBool::new(false),
+        });
+        let acceptor = tokio::spawn(accept(self.listener, upstream, shared.clone()));
+        Ok(FaultProxy {
+            addr,
+            upstream,
+            shared,
+            acceptor,
+        })
     }
 }
 
@@ -312,34 +340,56 @@ impl Faults {
         }
     }
 
-    /// Holds a chunk for the latency set now.
-    async fn delay(&self) {
-        let delay = *self.latency.borrow();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+    /// When a chunk read now may be written: after the latency set now.
+    fn due(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + *self.latency.borrow()
     }
 }
 
+/// Chunks read and not yet written, per direction: bounds the proxy's memory when the
+/// reader side is faster than the latency lets the writer go.
+const CHUNKS_IN_FLIGHT: usize = 64;
+
 /// Copies `from` to `to` until EOF, holding the bytes while the proxy is paused (it reads
 /// nothing while paused, and a chunk read just before the pause waits to be written) and
-/// each chunk for the latency.
-async fn pump<R, W>(from: &mut R, to: &mut W, mut faults: Faults) -> io::Result<()>
+/// each chunk for the latency. Chunks are pipelined, as on a long network path: each is
+/// written `latency` after it was read, however many are on their way.
+async fn pump<R, W>(from: &mut R, to: &mut W, faults: Faults) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0; 16 * 1024];
-    loop {
-        faults.resumed().await?;
-        let read = from.read(&mut buffer).await?;
-        if read == 0 {
-            return to.shutdown().await;
+    let (chunks, mut ready) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+    let read = {
+        let mut faults = faults.clone();
+        async move {
+            loop {
+                faults.resumed().await?;
+                let mut buffer = vec![0; 16 * 1024];
+                let read = from.read(&mut buffer).await?;
+                if read == 0 {
+                    return io::Result::Ok(());
+                }
+                buffer.truncate(read);
+                if chunks.send((faults.due(), buffer)).await.is_err() {
+                    return Ok(());
+                }
+            }
         }
-        faults.delay().await;
-        faults.resumed().await?;
-        to.write_all(&buffer[..read]).await?;
-    }
+    };
+    let write = {
+        let mut faults = faults;
+        async move {
+            while let Some((due, chunk)) = ready.recv().await {
+                tokio::time::sleep_until(due).await;
+                faults.resumed().await?;
+                to.write_all(&chunk).await?;
+            }
+            to.shutdown().await
+        }
+    };
+    tokio::try_join!(read, write)?;
+    Ok(())
 }
 
 #[cfg(test)]
