@@ -521,8 +521,10 @@ impl ReceiverTask {
         incoming: &mut mpsc::Receiver<Command>,
     ) -> Option<Command> {
         let mut completions = Vec::new();
+        let mut extensions = Vec::new();
         let first = Command::Settle { token, how, reply };
         let queued = std::iter::from_fn(|| incoming.try_recv().ok());
+        let mut next = None;
         for command in std::iter::once(first).chain(queued).take(SETTLE_BATCH) {
             match command {
                 Command::Settle {
@@ -530,17 +532,87 @@ impl ReceiverTask {
                     how: Settlement::Complete,
                     reply,
                 } => completions.push((token, reply)),
+                Command::Settle {
+                    token,
+                    how: Settlement::Extend(by),
+                    reply,
+                } => extensions.push((token, by, reply)),
                 Command::Settle { token, how, reply } => {
                     let _ = reply.send(self.settle(token, how).await);
                 }
                 other => {
-                    self.complete_all(completions).await;
-                    return Some(other);
+                    next = Some(other);
+                    break;
                 }
             }
         }
         self.complete_all(completions).await;
-        None
+        self.extend_all(extensions).await;
+        next
+    }
+
+    /// Extends deliveries together: their locks renewed in one request per link (see
+    /// [`Self::renew_all`]), so that many held messages cost one round trip, not one each.
+    async fn extend_all(&mut self, extensions: Vec<(uuid::Uuid, Duration, Reply)>) {
+        if extensions.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (token, by, _) in &extensions {
+            if let Some(entry) = self.in_flight.get_mut(token) {
+                entry.hold_until = Some(now + *by);
+            }
+        }
+        let tokens = extensions.iter().map(|(token, _, _)| *token).collect();
+        let mut outcomes: HashMap<uuid::Uuid, Result<()>> =
+            self.renew_all(tokens).await.into_iter().collect();
+        for (token, by, reply) in extensions {
+            let outcome = outcomes
+                .remove(&token)
+                .unwrap_or_else(|| Err(lock_lost(&token.to_string())));
+            let _ = reply.send(outcome.map(|()| SystemTime::now() + by));
+        }
+    }
+
+    /// Renews the locks of `tokens`: those of a sessionless link together, in one
+    /// renew-lock request with every token (one round trip however many are held); the
+    /// others, and all of a request that failed (a lost lock fails the whole request), one
+    /// by one with [`Self::renew`].
+    async fn renew_all(&mut self, tokens: Vec<uuid::Uuid>) -> Vec<(uuid::Uuid, Result<()>)> {
+        let mut outcomes = Vec::with_capacity(tokens.len());
+        let mut alone = Vec::new();
+        let mut by_link: HashMap<String, Vec<uuid::Uuid>> = HashMap::new();
+        for token in tokens {
+            let link = self.in_flight.get(&token).map(|entry| entry.link);
+            match link.and_then(|id| self.link_mut(id)) {
+                Some(link) if link.session.is_none() => {
+                    by_link.entry(link.name.clone()).or_default().push(token);
+                }
+                _ => alone.push(token),
+            }
+        }
+        for (name, group) in by_link {
+            if group.len() == 1 {
+                alone.extend(group);
+                continue;
+            }
+            match self.management.renew_locks(&group, &name).await {
+                Ok(expiries) if expiries.len() == group.len() => {
+                    for (token, until) in group.into_iter().zip(expiries) {
+                        if let Some(entry) = self.in_flight.get_mut(&token) {
+                            entry.locked_until = Some(until);
+                        }
+                        outcomes.push((token, Ok(())));
+                    }
+                }
+                _ => alone.extend(group),
+            }
+        }
+        for token in alone {
+            let outcome = self.renew(token).await;
+            outcomes.push((token, outcome));
+        }
+        outcomes
     }
 
     /// Completes deliveries together: one `accept_all` per link.
@@ -731,8 +803,8 @@ impl ReceiverTask {
             self.in_flight.remove(&token);
         }
         self.in_flight.retain(|_, e| !lapsed.contains(&e.link));
-        for token in to_renew {
-            if let Err(error) = self.renew(token).await {
+        for (_, outcome) in self.renew_all(to_renew).await {
+            if let Err(error) = outcome {
                 tracing::warn!(messaging.system = "servicebus", messaging.source.name = %self.path, %error, "cannot renew a held lock");
             }
         }

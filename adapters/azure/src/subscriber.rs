@@ -11,7 +11,7 @@ use cloudbus_core::{Delivery, Destination, Error, Result, Subscriber};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::TRANSPORT;
-use crate::config::ServiceBusConfig;
+use crate::config::{ReceiveMode, ServiceBusConfig};
 use crate::credentials::namespace;
 use crate::error::closed;
 use crate::protocol::Connection;
@@ -87,6 +87,12 @@ impl ServiceBusSubscriber {
                 commands,
                 receiving: AtomicUsize::new(0),
             });
+        }
+        if config.receive_mode == ReceiveMode::PeekLock {
+            // Lock renewals go through it: attach it before the first one is due.
+            if let Err(error) = management.open().await {
+                tracing::debug!(messaging.system = "servicebus", %error, "cannot attach the management link yet; it is attached when first needed");
+            }
         }
         let name = if config.dead_letter {
             format!(

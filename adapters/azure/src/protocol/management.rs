@@ -29,26 +29,36 @@ impl Management {
         }
     }
 
+    /// Attaches the management links now (they are attached when first needed otherwise,
+    /// and again after a loss), so that the first lock renewal costs one round trip, not
+    /// the attach's several as well.
+    pub(crate) async fn open(&self) -> Result<()> {
+        self.rpc().await.map(|_| ())
+    }
+
+    /// The live request/reply link pair, attached if there is none.
+    async fn rpc(&self) -> Result<(Arc<Rpc>, Lost)> {
+        let mut slot = self.rpc.lock().await;
+        match slot.as_ref() {
+            Some((rpc, lost)) if !rpc.has_ended() && !lost.is_gone() => {
+                Ok((rpc.clone(), lost.clone()))
+            }
+            _ => {
+                let (rpc, lost) = self.connection.management(&self.path).await?;
+                let rpc = Arc::new(rpc);
+                *slot = Some((rpc.clone(), lost.clone()));
+                Ok((rpc, lost))
+            }
+        }
+    }
+
     async fn call(
         &self,
         operation: &str,
         link: Option<&str>,
         body: Vec<(&str, Value)>,
     ) -> Result<Reply> {
-        let (rpc, mut lost) = {
-            let mut slot = self.rpc.lock().await;
-            match slot.as_ref() {
-                Some((rpc, lost)) if !rpc.has_ended() && !lost.is_gone() => {
-                    (rpc.clone(), lost.clone())
-                }
-                _ => {
-                    let (rpc, lost) = self.connection.management(&self.path).await?;
-                    let rpc = Arc::new(rpc);
-                    *slot = Some((rpc.clone(), lost.clone()));
-                    (rpc, lost)
-                }
-            }
-        };
+        let (rpc, mut lost) = self.rpc().await?;
         let mut properties = vec![("com.microsoft:server-timeout", SimpleValue::Uint(30_000))];
         if let Some(link) = link {
             properties.push((
