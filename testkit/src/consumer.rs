@@ -86,7 +86,7 @@ async fn open(harness: &impl Harness, spec: &Spec) -> (Entity, Box<dyn Publisher
 
 /// A consumer on the first subscriber with the suite's defaults (times in units, exact
 /// retry delays), adjusted by `configure`.
-async fn consumer(
+pub(crate) async fn consumer(
     harness: &impl Harness,
     entity: &Entity,
     spec: &Spec,
@@ -135,7 +135,7 @@ impl Running {
 }
 
 /// Polls `done` until it holds, failing after `timeout`.
-async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(
@@ -213,7 +213,7 @@ fn attribute<'a>(delivery: &'a Delivery, key: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .expect("a test handler panicked while holding a lock")

@@ -24,6 +24,7 @@
 
 mod cases;
 mod consumer;
+mod faults;
 mod memory;
 pub mod proxy;
 
@@ -33,8 +34,9 @@ use async_trait::async_trait;
 
 pub use cases::*;
 pub use consumer::*;
+pub use faults::*;
 pub use memory::MemoryHarness;
-pub use proxy::FaultProxy;
+pub use proxy::{FaultProxy, ReservedProxy};
 
 pub use cloudbus_core::driver::Connect;
 

@@ -3,17 +3,19 @@
 //! receivers (`receivers=3`). Each test starts its own emulator on a loopback address of
 //! its own, port 5672 (the azservicebus client always dials 5672).
 
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_azure::ServiceBusConfig;
 use cloudbus_core::driver::TransportConfig;
-use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
+use cloudbus_testkit::{Entity, FaultHarness, Features, Harness, Spec, Support};
 
 use crate::emulator::{config, start_emulator};
 use servicebus_emulator::{
-    EmulatorHandle, EntityProperties, QueueConfig, SubscriptionConfig, TopicConfig,
+    Emulator, EmulatorHandle, EntityProperties, QueueConfig, SubscriptionConfig, TopicConfig,
+    Topology,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -148,5 +150,66 @@ impl Harness for ServiceBusHarness {
         let mut subscriber = missing.clone();
         subscriber.subscription = (self.kind == Kind::Topic).then(|| "sub1".to_string());
         Ok(Entity::new(missing).with_subscriber(subscriber.clone(), subscriber))
+    }
+}
+
+/// The fault suite's view of a queue harness: an emulator on a port of its own, reached
+/// through the fault proxy.
+#[async_trait]
+impl FaultHarness for ServiceBusHarness {
+    fn transport(&self) -> &'static str {
+        "servicebus"
+    }
+
+    async fn broker(&self, _proxy_port: u16) -> cloudbus_core::Result<SocketAddr> {
+        let handle = Emulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), Topology::default())
+            .await
+            .map_err(|e| cloudbus_core::Error::config(format!("start the emulator: {e}")))?;
+        let addr = handle.local_addr();
+        *self.emulator.lock().expect("lock") = Some(handle);
+        Ok(addr)
+    }
+
+    async fn create_at(
+        &self,
+        spec: &Spec,
+        name: &str,
+        addr: SocketAddr,
+    ) -> cloudbus_core::Result<Entity> {
+        let properties = EntityProperties {
+            lock_duration: spec.visibility,
+            max_delivery_count: spec.max_deliveries,
+            ..EntityProperties::default()
+        };
+        self.with_emulator(|e| {
+            e.create_queue(QueueConfig {
+                name: name.to_string(),
+                properties,
+            })
+        })
+        .expect("create queue");
+        self.entity_at(spec, name, addr)
+    }
+
+    fn entity_at(
+        &self,
+        _spec: &Spec,
+        name: &str,
+        addr: SocketAddr,
+    ) -> cloudbus_core::Result<Entity> {
+        let mut queue = config(&servicebus_emulator::connection_string(addr), name);
+        queue.publish_timeout = self.publish_timeout();
+        let dead_letters = queue.dead_letter_queue()?;
+        Ok(Entity::new(queue.clone()).with_subscriber(queue, dead_letters))
+    }
+
+    fn outage(&self) -> Duration {
+        // Longer than the publish timeout below; the AMQP idle timeout is longer still, so
+        // the connections survive the stall (and are reconnected where they do not).
+        Duration::from_secs(12)
+    }
+
+    fn publish_timeout(&self) -> Duration {
+        Duration::from_secs(5)
     }
 }

@@ -55,3 +55,11 @@ mod consumer_receivers {
         crate::harness::Kind::Receivers
     ));
 }
+
+/// The fault suite (cuts, a stalled network, latency, an unreachable broker, a killed
+/// consumer process) on a queue, through the fault proxy.
+mod faults {
+    cloudbus_testkit::fault_tests!(crate::harness::ServiceBusHarness::new(
+        crate::harness::Kind::Queue
+    ));
+}
