@@ -2,6 +2,7 @@
 //! `CLOUDBUS_TEST_AWS_ENDPOINT`, default `http://127.0.0.1:4566`). Credentials and region
 //! come from the standard AWS chain: `scripts/test` exports LocalStack's.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +13,7 @@ use cloudbus_aws::{
 use cloudbus_core::config::Start;
 use cloudbus_core::driver::TransportConfig;
 use cloudbus_core::{Result, message};
-use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
+use cloudbus_testkit::{Entity, FaultHarness, Features, Harness, Spec, Support};
 
 /// The endpoint the AWS harnesses use.
 pub fn endpoint() -> String {
@@ -26,8 +27,13 @@ fn unique(prefix: &str) -> String {
 
 /// A queue on the test endpoint; with a `spec`, created to it on connect.
 fn queue_config(queue: &str, spec: Option<&Spec>) -> SqsConfig {
+    queue_config_at(queue, spec, endpoint())
+}
+
+/// A queue reached through `endpoint`; with a `spec`, created to it on connect.
+fn queue_config_at(queue: &str, spec: Option<&Spec>, endpoint: String) -> SqsConfig {
     let mut config = SqsConfig::new(queue);
-    config.endpoint = Some(endpoint());
+    config.endpoint = Some(endpoint);
     if let Some(spec) = spec {
         config.create = true;
         config.visibility = Some(spec.visibility);
@@ -107,9 +113,20 @@ pub struct SnsHarness;
 /// A topic on the test endpoint, received through `subscription`; with a `spec`,
 /// created to it on connect.
 fn topic_config(topic: &str, subscription: Option<&str>, spec: Option<&Spec>) -> SnsConfig {
+    topic_config_at(topic, subscription, spec, endpoint())
+}
+
+/// A topic reached through `endpoint`, received through `subscription`; with a `spec`,
+/// created to it on connect.
+fn topic_config_at(
+    topic: &str,
+    subscription: Option<&str>,
+    spec: Option<&Spec>,
+    endpoint: String,
+) -> SnsConfig {
     let mut config = SnsConfig::new(topic);
     config.subscription = subscription.map(str::to_string);
-    config.endpoint = Some(endpoint());
+    config.endpoint = Some(endpoint);
     if let Some(spec) = spec {
         config.create = true;
         config.visibility = Some(spec.visibility);
@@ -158,5 +175,105 @@ impl Harness for SnsHarness {
                 queue_config(&topic, None),
             ),
         )
+    }
+}
+
+/// Where LocalStack listens, from [`endpoint`]: the fault proxy goes in front of it.
+fn broker() -> Result<SocketAddr> {
+    let endpoint = endpoint();
+    let authority = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .replace("localhost", "127.0.0.1");
+    authority.parse().map_err(|e| {
+        cloudbus_core::Error::config(format!(
+            "CLOUDBUS_TEST_AWS_ENDPOINT={endpoint}: the fault suite needs http://<ip>:<port> ({e})"
+        ))
+    })
+}
+
+/// The SDK's operation timeout, as the adapter configures its clients: what bounds a
+/// publish to an endpoint that does not answer (attempts time out after 10 s).
+const AWS_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An outage longer than the SDK's attempt timeout (10 s).
+const AWS_OUTAGE: Duration = Duration::from_secs(12);
+
+/// The fault suite on SQS: LocalStack through the fault proxy.
+#[async_trait]
+impl FaultHarness for SqsHarness {
+    fn transport(&self) -> &'static str {
+        if self.fifo { "sqs fifo" } else { "sqs" }
+    }
+
+    async fn broker(&self, _proxy_port: u16) -> Result<SocketAddr> {
+        broker()
+    }
+
+    async fn create_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let entity = self.entity_at(spec, name, addr)?;
+        entity.subscriber(0).await?.close().await?;
+        Ok(entity)
+    }
+
+    fn entity_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let name = if self.fifo {
+            format!("{name}.fifo")
+        } else {
+            name.to_string()
+        };
+        let at = || format!("http://{addr}");
+        Ok(
+            Entity::new(queue_config_at(&name, None, at())).with_subscriber(
+                queue_config_at(&name, Some(spec), at()),
+                queue_config_at(&sqs_dead_letter_name(&name), None, at()),
+            ),
+        )
+    }
+
+    fn outage(&self) -> Duration {
+        AWS_OUTAGE
+    }
+
+    fn publish_timeout(&self) -> Duration {
+        AWS_OPERATION_TIMEOUT
+    }
+}
+
+/// The fault suite on SNS: a topic with one subscribed queue, LocalStack through the
+/// fault proxy (its delivery from the topic to the queue stays inside LocalStack).
+#[async_trait]
+impl FaultHarness for SnsHarness {
+    fn transport(&self) -> &'static str {
+        "sns"
+    }
+
+    async fn broker(&self, _proxy_port: u16) -> Result<SocketAddr> {
+        broker()
+    }
+
+    async fn create_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let entity = self.entity_at(spec, name, addr)?;
+        entity.subscriber(0).await?.close().await?;
+        Ok(entity)
+    }
+
+    fn entity_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let queue = format!("{name}-a");
+        let at = || format!("http://{addr}");
+        Ok(
+            Entity::new(topic_config_at(name, None, None, at())).with_subscriber(
+                topic_config_at(name, Some(&queue), Some(spec), at()),
+                queue_config_at(&sqs_dead_letter_name(&queue), None, at()),
+            ),
+        )
+    }
+
+    fn outage(&self) -> Duration {
+        AWS_OUTAGE
+    }
+
+    fn publish_timeout(&self) -> Duration {
+        AWS_OPERATION_TIMEOUT
     }
 }

@@ -63,3 +63,13 @@ async fn connect_subscriber(url: &str) -> Box<dyn Subscriber> {
         .await
         .unwrap_or_else(|e| panic!("connect a subscriber to {url}: {e}"))
 }
+
+/// The fault suite (cuts, a stalled network, latency, an unreachable endpoint, a killed
+/// consumer process) through the fault proxy in front of LocalStack.
+mod faults_sqs {
+    cloudbus_testkit::fault_tests!(crate::harness::SqsHarness::standard());
+}
+
+mod faults_sns {
+    cloudbus_testkit::fault_tests!(crate::harness::SnsHarness);
+}
