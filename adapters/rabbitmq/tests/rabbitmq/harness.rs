@@ -1,14 +1,15 @@
 //! The harness of RabbitMQ, against the broker of `rabbitmq/start` (`RABBITMQ_URL`): a
 //! quorum queue per case, or an exchange with two subscriptions for fan-out.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::config::Start;
+use cloudbus_core::config::{Secret, Start};
 use cloudbus_core::driver::TransportConfig;
 use cloudbus_core::{Result, message};
 use cloudbus_rabbitmq::{RabbitMqConfig, create_subscription};
-use cloudbus_testkit::{Entity, Features, Harness, Spec, Support};
+use cloudbus_testkit::{Entity, FaultHarness, Features, Harness, Spec, Support};
 
 /// A task queue, or an exchange with two subscriptions (fan-out).
 #[derive(Debug, Clone)]
@@ -85,5 +86,58 @@ impl Harness for RabbitMqHarness {
         let name = format!("missing-{}", message::new_id());
         let queue = config(&name);
         Ok(Entity::new(queue.clone()).with_subscriber(queue.clone(), queue.dead_letter_queue()?))
+    }
+}
+
+/// The test broker's URI (`RABBITMQ_URL`), split around its `host:port`.
+fn broker_uri() -> Result<(String, SocketAddr, String)> {
+    let uri = std::env::var(cloudbus_rabbitmq::URI_ENV)
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let bad = || {
+        cloudbus_core::Error::config(
+            "RABBITMQ_URL: the fault suite needs amqp://<user>:<password>@<ip>:<port>/<vhost>",
+        )
+    };
+    let at = uri.rfind('@').ok_or_else(bad)? + 1;
+    let end = uri[at..].find('/').map_or(uri.len(), |i| at + i);
+    let addr = uri[at..end].parse().map_err(|_| bad())?;
+    Ok((uri[..at].to_string(), addr, uri[end..].to_string()))
+}
+
+/// The fault suite on a quorum queue, through the fault proxy in front of the test broker.
+#[async_trait]
+impl FaultHarness for RabbitMqHarness {
+    fn transport(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn broker(&self, _proxy_port: u16) -> Result<SocketAddr> {
+        broker_uri().map(|(_, addr, _)| addr)
+    }
+
+    async fn create_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let entity = self.entity_at(spec, name, addr)?;
+        entity.subscriber(0).await?.close().await?;
+        Ok(entity)
+    }
+
+    fn entity_at(&self, spec: &Spec, name: &str, addr: SocketAddr) -> Result<Entity> {
+        let (before, _, after) = broker_uri()?;
+        let mut queue = config(name);
+        queue.uri = Some(Secret::new(format!("{before}{addr}{after}")));
+        queue.create = true;
+        queue.visibility = spec.visibility;
+        queue.max_deliveries = spec.max_deliveries;
+        queue.publish_timeout = self.publish_timeout();
+        let dead_letters = queue.dead_letter_queue()?;
+        Ok(Entity::new(queue.clone()).with_subscriber(queue, dead_letters))
+    }
+
+    fn outage(&self) -> Duration {
+        Duration::from_secs(12)
+    }
+
+    fn publish_timeout(&self) -> Duration {
+        Duration::from_secs(5)
     }
 }

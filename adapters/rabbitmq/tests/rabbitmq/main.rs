@@ -27,3 +27,9 @@ mod consumer_queue {
 mod consumer_fan_out {
     cloudbus_testkit::consumer_tests!(crate::harness::RabbitMqHarness::fan_out());
 }
+
+/// The fault suite (cuts, a stalled network, latency, an unreachable broker, a killed
+/// consumer process) on a quorum queue, through the fault proxy.
+mod faults {
+    cloudbus_testkit::fault_tests!(crate::harness::RabbitMqHarness::queue());
+}
