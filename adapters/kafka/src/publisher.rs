@@ -2,11 +2,12 @@
 //! acknowledged the record (acks from all in-sync replicas); librdkafka batches the records
 //! of concurrent `publish` calls by itself (`linger`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use cloudbus_core::{Destination, Error, Message, Publisher, Result};
+use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -40,7 +41,11 @@ impl std::fmt::Debug for KafkaPublisher {
 /// dead-lettering share.
 #[derive(Clone)]
 pub(crate) struct Sender {
-    producer: Arc<FutureProducer<Context>>,
+    /// The producer; replaced by a new one after a fatal error, which ends a librdkafka
+    /// producer for good (an idempotent producer fenced or out of sequence).
+    producer: Arc<RwLock<Arc<FutureProducer<Context>>>>,
+    /// What made the producer, to make its replacement.
+    settings: Arc<(ClientConfig, Context)>,
     pub(crate) topic: String,
     timeout: std::time::Duration,
 }
@@ -62,16 +67,69 @@ impl Sender {
                 (config.max_message_size + FRAMING).to_string(),
             );
         let producer: FutureProducer<Context> = settings
-            .create_with_context(context)
+            .create_with_context(context.clone())
             .map_err(|e| map_error("connect", topic, e))?;
         Ok(Sender {
-            producer: Arc::new(producer),
+            producer: Arc::new(RwLock::new(Arc::new(producer))),
+            settings: Arc::new((settings, context)),
             topic: topic.to_string(),
             timeout: config.publish_timeout,
         })
     }
 
-    /// Writes one record; done when the broker has acknowledged it.
+    fn producer(&self) -> Arc<FutureProducer<Context>> {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After `error` from a send on `used`: if librdkafka reports a fatal error, or the
+    /// broker refuses the producer's idempotence state (a producer whose records timed out
+    /// bumps its epoch, and a broker that does not take the bump answers `ProducerFenced`
+    /// to every later record), `used` can send nothing more, so a new producer takes its
+    /// place (once, however many sends failed).
+    fn replace_if_fatal(&self, used: &Arc<FutureProducer<Context>>, error: &KafkaError) {
+        let stuck = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+            )
+        );
+        let Some((code, reason)) = used
+            .client()
+            .fatal_error()
+            .or_else(|| stuck.then(|| (RDKafkaErrorCode::ProducerFenced, error.to_string())))
+        else {
+            return;
+        };
+        let mut slot = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !Arc::ptr_eq(&slot, used) {
+            return;
+        }
+        let (settings, context) = &*self.settings;
+        match settings.create_with_context(context.clone()) {
+            Ok(producer) => {
+                tracing::warn!(messaging.system = "kafka", messaging.destination.name = %self.topic, ?code, %reason, "the producer failed fatally; publishing through a new one");
+                *slot = Arc::new(producer);
+            }
+            Err(error) => {
+                tracing::warn!(messaging.system = "kafka", messaging.destination.name = %self.topic, ?code, %reason, %error, "the producer failed fatally and a new one cannot be made");
+            }
+        }
+    }
+
+    /// Writes one record; done when the broker has acknowledged it. Fails with a transient
+    /// error once `publish_timeout` has passed without an acknowledgement: librdkafka's
+    /// `message.timeout.ms` says so itself, and where it does not (an idempotent producer
+    /// whose broker cannot be reached keeps its records past it), the publish gives up
+    /// [`ACK_GRACE`] later.
     pub(crate) async fn send(&self, record: &Record) -> Result<()> {
         let headers = record.owned_headers();
         let mut future = FutureRecord::to(&self.topic)
@@ -80,19 +138,30 @@ impl Sender {
         if let Some(key) = &record.key {
             future = future.key(key);
         }
-        match self
-            .producer
-            .send(future, Timeout::After(self.timeout))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err((error, _)) => Err(produce_error(&self.topic, error)),
+        let producer = self.producer();
+        let send = producer.send(future, Timeout::After(self.timeout));
+        match tokio::time::timeout(self.timeout + ACK_GRACE, send).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => {
+                self.replace_if_fatal(&producer, &error);
+                Err(produce_error(&self.topic, error))
+            }
+            Err(_) => Err(Error::transport(
+                TRANSPORT,
+                format!(
+                    "publish to `{}`: no acknowledgement within publish_timeout ({:?}); the \
+                     record may or may not have been written",
+                    self.topic, self.timeout
+                ),
+                true,
+                None,
+            )),
         }
     }
 
     /// Sends what librdkafka still holds, for up to the publish timeout.
     pub(crate) async fn flush(&self) -> Result<()> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let timeout = self.timeout;
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
@@ -101,6 +170,9 @@ impl Sender {
             .map_err(|e| map_error("flush", &topic, e))
     }
 }
+
+/// How long after `publish_timeout` a publish waits for librdkafka's own verdict.
+const ACK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A failed produce: a timeout means the record may or may not have been written.
 fn produce_error(topic: &str, error: KafkaError) -> Error {

@@ -374,11 +374,24 @@ async fn fetch(
     if let Some(shared) = shared.upgrade() {
         commit(&consumer, &shared, CommitMode::Sync);
     }
-    tokio::task::spawn_blocking(move || drop(consumer))
-        .await
-        .ok();
+    // On a thread of its own, not the runtime's blocking pool: librdkafka's close can wait
+    // for a broker that is gone for good, and a runtime waits for its blocking tasks when
+    // it shuts down, so the application's shutdown would hang with it.
+    let (done, closed) = tokio::sync::oneshot::channel();
+    let close = std::thread::Builder::new()
+        .name("cloudbus-kafka-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done.send(());
+        });
+    if close.is_ok() && tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+        tracing::warn!(messaging.system = "kafka", timeout = ?CLOSE_TIMEOUT, "leaving the group did not finish in time (is the broker reachable?); the group takes the partitions back after the session timeout");
+    }
     stopped.cancel();
 }
+
+/// How long closing a subscriber waits for the consumer to leave its group.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn fetch_failed(shared: &Shared, error: rdkafka::error::KafkaError) {
     tracing::warn!(
