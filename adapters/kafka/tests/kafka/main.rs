@@ -19,3 +19,9 @@ mod fan_out {
 mod consumer_topic {
     cloudbus_testkit::consumer_tests!(crate::harness::KafkaHarness::topic());
 }
+
+/// The fault suite (cuts, a stalled network, latency, an unreachable broker, a killed
+/// consumer process) on a topic, through the fault proxy in front of a broker of its own.
+mod faults {
+    cloudbus_testkit::fault_tests!(crate::harness::KafkaFaultHarness::new());
+}
