@@ -1,7 +1,8 @@
 //! Every test of the Service Bus adapter, against the project's emulator, in one test
 //! binary: the conformance and consumer suites on a queue, a topic with two subscriptions,
-//! a session-enabled queue and a queue read through three receivers; a 10,000-message soak;
-//! and interoperability with the official Python SDK (`interop`) and the official
+//! a session-enabled queue and a queue read through three receivers; the fault suite on a
+//! queue; a 10,000-message soak; the emulator under 200 connections (`load`); and
+//! interoperability with the official Python SDK (`interop`) and the official
 //! JavaScript SDK `@azure/service-bus` (`interop_js`, `npm ci --prefix
 //! adapters/azure/tests/servicebus/js` first).
 
@@ -10,6 +11,7 @@ mod emulator;
 mod harness;
 mod interop;
 mod interop_js;
+mod load;
 mod soak;
 
 mod queue {
