@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cloudbus_core::consumer::{CancellationToken, Consumer, Context};
+use cloudbus_core::consumer::{CancellationToken, Consumer, Context, Summary};
 use cloudbus_core::{Message, Publisher, Result};
 
 use super::consumer::{consumer, lock, wait_until};
@@ -230,7 +230,7 @@ async fn run_consumer(
     spec: &Spec,
     seen: &Seen,
     work: Duration,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+) -> (CancellationToken, tokio::task::JoinHandle<Summary>) {
     let consumer = consumer(harness, entity, spec, |builder| builder.concurrency(16)).await;
     let shutdown = CancellationToken::new();
     let seen = seen.clone();
@@ -247,13 +247,10 @@ async fn run_consumer(
         },
         shutdown.clone(),
     ));
-    let task = tokio::spawn(async move {
-        let _ = task.await;
-    });
     (shutdown, task)
 }
 
-async fn stop(shutdown: CancellationToken, task: tokio::task::JoinHandle<()>) {
+async fn stop(shutdown: CancellationToken, task: tokio::task::JoinHandle<Summary>) {
     shutdown.cancel();
     let _ = tokio::time::timeout(PATIENCE, task).await;
 }
@@ -473,12 +470,13 @@ pub async fn fault_unreachable_broker_fails_publish_transiently(harness: &impl F
     let bound = harness.publish_timeout() + harness.features().unit * 5;
     let started = Instant::now();
     let outcome = tokio::time::timeout(bound, publisher.publish(Message::new("down"))).await;
+    let failed_after = started.elapsed();
     match outcome {
         Err(_) => panic!("a publish to an unreachable broker hung past {bound:?}"),
         Ok(Ok(id)) => panic!("a publish to an unreachable broker reported {id} published"),
         Ok(Err(error)) => {
             assert!(error.is_transient(), "must be transient: {error}");
-            eprintln!("unreachable: {error} after {:?}", started.elapsed());
+            eprintln!("unreachable: {error} after {failed_after:?}");
         }
     }
     proxy.refuse(false);
@@ -489,7 +487,7 @@ pub async fn fault_unreachable_broker_fails_publish_transiently(harness: &impl F
         transport: harness.transport(),
         fault: &format!(
             "publish while unreachable: transient error after {:.1} s",
-            started.elapsed().as_secs_f64() - back.elapsed().as_secs_f64()
+            failed_after.as_secs_f64()
         ),
         messages: 3,
         lost: 0,

@@ -90,19 +90,19 @@ impl Sender {
     /// to every later record), `used` can send nothing more, so a new producer takes its
     /// place (once, however many sends failed).
     fn replace_if_fatal(&self, used: &Arc<FutureProducer<Context>>, error: &KafkaError) {
-        let stuck = matches!(
-            error.rdkafka_error_code(),
-            Some(
+        let stuck = error.rdkafka_error_code().filter(|code| {
+            matches!(
+                code,
                 RDKafkaErrorCode::ProducerFenced
                     | RDKafkaErrorCode::InvalidProducerEpoch
                     | RDKafkaErrorCode::OutOfOrderSequenceNumber
                     | RDKafkaErrorCode::UnknownProducerId
             )
-        );
+        });
         let Some((code, reason)) = used
             .client()
             .fatal_error()
-            .or_else(|| stuck.then(|| (RDKafkaErrorCode::ProducerFenced, error.to_string())))
+            .or_else(|| stuck.map(|code| (code, error.to_string())))
         else {
             return;
         };
