@@ -194,14 +194,17 @@ async fn expect_nothing(subscriber: &dyn Subscriber, window: Duration, why: &str
 }
 
 /// The one message that reaches the first dead-letter queue.
-async fn dead_letter(entity: &Entity) -> Delivery {
+/// The one message that reaches the dead-letter queue, with the subscriber it came from:
+/// a delivery can be settled only while its subscriber is open (closing or dropping it
+/// gives its deliveries back), so a case holds both until it has settled.
+async fn dead_letter(entity: &Entity) -> (Box<dyn Subscriber>, Delivery) {
     let dead_letters = entity
         .dead_letters(0)
         .await
         .expect("connect to the dead-letter queue");
     let mut got = receive_n(dead_letters.as_ref(), 1, PATIENCE).await;
     assert_eq!(got.len(), 1, "a message must reach the dead-letter queue");
-    got.remove(0)
+    (dead_letters, got.remove(0))
 }
 
 fn attribute<'a>(delivery: &'a Delivery, key: &str) -> &'a str {
@@ -307,7 +310,7 @@ pub async fn consumer_dead_letters_after_max_attempts(harness: &impl Harness) {
         .publish(Message::new("poison"))
         .await
         .expect("publish");
-    let dead = dead_letter(&entity).await;
+    let (dead_letters, dead) = dead_letter(&entity).await;
     assert_eq!(dead.message().id, id);
     assert_eq!(attribute(&dead, DEAD_LETTER_REASON), RETRIES_EXHAUSTED);
     let description = attribute(&dead, DEAD_LETTER_DESCRIPTION);
@@ -316,6 +319,10 @@ pub async fn consumer_dead_letters_after_max_attempts(harness: &impl Harness) {
         "the description names the error and the attempts: {description:?}"
     );
     dead.ack().await.expect("ack");
+    dead_letters
+        .close()
+        .await
+        .expect("close the dead-letter subscriber");
     let summary = running.stop().await;
     assert_eq!(calls.load(Ordering::SeqCst), 3, "exactly max attempts");
     assert_eq!(
@@ -354,7 +361,7 @@ pub async fn consumer_dead_letters_malformed_json_at_once(harness: &impl Harness
         .expect("publish");
     let good = Message::from_json(&serde_json::json!({ "id": 7 })).expect("serialize");
     publisher.publish(good).await.expect("publish");
-    let dead = dead_letter(&entity).await;
+    let (dead_letters, dead) = dead_letter(&entity).await;
     assert_eq!(dead.message().id, malformed);
     assert_eq!(attribute(&dead, DEAD_LETTER_REASON), MALFORMED_BODY);
     assert!(
@@ -363,6 +370,10 @@ pub async fn consumer_dead_letters_malformed_json_at_once(harness: &impl Harness
         attribute(&dead, DEAD_LETTER_DESCRIPTION)
     );
     dead.ack().await.expect("ack");
+    dead_letters
+        .close()
+        .await
+        .expect("close the dead-letter subscriber");
     wait_until("the good order", PATIENCE, || !lock(&orders).is_empty()).await;
     let summary = running.stop().await;
     assert_eq!(*lock(&orders), [7]);
@@ -396,13 +407,17 @@ pub async fn consumer_dead_letters_permanent_errors_at_once(harness: &impl Harne
         .publish(Message::new("order 17"))
         .await
         .expect("publish");
-    let dead = dead_letter(&entity).await;
+    let (dead_letters, dead) = dead_letter(&entity).await;
     assert_eq!(attribute(&dead, DEAD_LETTER_REASON), "InvalidOrder");
     assert_eq!(
         attribute(&dead, DEAD_LETTER_DESCRIPTION),
         "order 17 has a negative total"
     );
     dead.ack().await.expect("ack");
+    dead_letters
+        .close()
+        .await
+        .expect("close the dead-letter subscriber");
     let summary = running.stop().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(
