@@ -193,10 +193,9 @@ async fn expect_nothing(subscriber: &dyn Subscriber, window: Duration, why: &str
     );
 }
 
-/// The one message that reaches the first dead-letter queue.
-/// The one message that reaches the dead-letter queue, with the subscriber it came from:
-/// a delivery can be settled only while its subscriber is open (closing or dropping it
-/// gives its deliveries back), so a case holds both until it has settled.
+/// The one message that reaches the first dead-letter queue, with the subscriber it came
+/// from: a delivery can be settled only while its subscriber is open (closing or dropping
+/// it gives its deliveries back), so a case holds both until it has settled.
 async fn dead_letter(entity: &Entity) -> (Box<dyn Subscriber>, Delivery) {
     let dead_letters = entity
         .dead_letters(0)
